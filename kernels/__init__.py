@@ -1,8 +1,11 @@
 """Kernels for layerwise attention pooling, installed as ``unifusion.kernels``.
 
-Each op lives in its own module with its plain PyTorch reference beside the Triton
-kernel (forward and backward, wrapped in a ``torch.autograd.Function``); the ``impl``
-switch (``torch | triton | auto``) selects between them:
+Each op lives in its own module with its plain PyTorch reference (the test oracle), a
+PyTorch path tuned for speed and the Triton kernel (forward and backward, registered as
+``torch.library`` custom ops with autograd, so ``torch.compile`` keeps them in the graph).
+A call's ``impl=`` (``torch | triton | auto``; model modules pass their own ``kernel_impl``,
+see :func:`unifusion.layers.set_kernel_impl`) selects the path; None falls back to the
+process default (:func:`set_impl`, for scripts):
 
 * :func:`layerwise_attention` ``(T, H, n, d)`` softmax attention over the layer axis;
 * :func:`rms_norm`, :func:`swiglu`;
@@ -15,11 +18,21 @@ without a GPU (registers, spills). Tests run the kernels on CPU under
 (see ``_triton_utils.lazy_jit``).
 """
 
-from .dispatch import IMPLS, get_impl, resolve_impl, set_impl, use_impl
-from .layer_pool import layer_pool, layer_pool_reference
-from .layerwise_attention import layerwise_attention, layerwise_attention_reference
-from .rms_norm import rms_norm, rms_norm_reference
-from .swiglu import swiglu, swiglu_reference
+import importlib as _importlib
+import sys as _sys
+
+if __name__ != "unifusion.kernels":
+    # Imported by path as a top-level ``kernels`` package: transformers/diffusers probe for
+    # Hugging Face's ``kernels`` package by importing that name, which finds this folder when
+    # the repository root is on sys.path (``python -m pytest`` from the root). A second copy
+    # would register the torch.library ops again and keep its own state; alias the real one.
+    _sys.modules[__name__] = _importlib.import_module("unifusion.kernels")
+else:
+    from .dispatch import IMPLS, get_impl, resolve_impl, set_impl, use_impl
+    from .layer_pool import layer_pool, layer_pool_reference
+    from .layerwise_attention import layerwise_attention, layerwise_attention_reference
+    from .rms_norm import rms_norm, rms_norm_reference
+    from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "IMPLS",

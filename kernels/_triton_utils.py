@@ -55,6 +55,17 @@ def interpreter_active() -> bool:
 
 _INTERPRETED_STDLIB: dict[int, Any] = {}
 
+# Set by the first interpreted launch. Triton's interpreter patches triton.language builtins
+# for good (e.g. ``tl.program_id`` then returns interpreter values), so a process that ran
+# an interpreted kernel can no longer compile one for a GPU (compile_check spawns a fresh
+# process then).
+_INTERPRETED_LAUNCH = False
+
+
+def interpreted_launch_happened() -> bool:
+    """True once any of our kernels ran under the interpreter in this process."""
+    return _INTERPRETED_LAUNCH
+
 
 @contextlib.contextmanager
 def _interpretable_triton_language() -> Iterator[None]:
@@ -107,6 +118,8 @@ class LazyKernel:
         kernel = self._get()
         if not interpreter_active():
             return kernel[grid]
+        global _INTERPRETED_LAUNCH
+        _INTERPRETED_LAUNCH = True
 
         def launch(*args, **kwargs):
             with _interpretable_triton_language():

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ._triton_utils import next_pow2
+from ._triton_utils import interpreted_launch_happened, next_pow2
 
 # the package re-exports functions under the module names, so import the modules explicitly
 layer_pool = importlib.import_module(f"{__package__}.layer_pool")
@@ -131,9 +131,34 @@ def _env(**values: str):
 
 
 def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
+    return compile_specs([spec], arch)[0]
+
+
+def compile_specs(specs: list[KernelSpec], arch: int) -> list[CompileResult]:
+    """Compile each spec for ``sm_<arch>``; in a fresh process if this one already ran an interpreted kernel.
+
+    (Triton's interpreter leaves ``triton.language`` patched for interpretation, which breaks
+    a later GPU compile in the same process.)
+    """
+    if not interpreted_launch_happened():
+        return _compile_many(specs, arch)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # the child must import triton without TRITON_INTERPRET, or triton.language starts out interpreted
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_compile_many, specs, arch).result()
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _compile_many(specs: list[KernelSpec], arch: int) -> list[CompileResult]:
     # ptxas log on stdout; always compile (a cache hit prints no log); silence the fp-fusion notice
     with _env(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1", TRITON_DEFAULT_FP_FUSION="1"):
-        return _compile_spec(spec, arch)
+        return [_compile_spec(spec, arch) for spec in specs]
 
 
 def _compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
@@ -198,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     failures = 0
     print(f"{'kernel':<22} {'case':<22} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem B':>7}  status")
-    for case, spec in all_specs(args.dtypes, args.n, args.d, args.hidden):
-        r = compile_spec(spec, args.arch)
+    cases = all_specs(args.dtypes, args.n, args.d, args.hidden)
+    results = compile_specs([spec for _, spec in cases], args.arch)
+    for (case, spec), r in zip(cases, results):
         status = "ok" if r.ok else f"FAILED {r.error}"
         failures += not r.ok
         print(

@@ -1,8 +1,10 @@
 """One switch for every op: ``torch | triton | auto``.
 
-``auto`` picks Triton on CUDA tensors of a supported dtype and the PyTorch reference
-elsewhere. The model sets the process-wide default with :func:`set_impl` (config key
-``kernel_impl``); a call's ``impl=`` argument overrides it.
+``auto`` picks Triton on CUDA tensors of a supported dtype and the PyTorch path
+elsewhere. Each model module carries its own choice (``kernel_impl`` attribute, set with
+:func:`unifusion.layers.set_kernel_impl`) and passes it as a call's ``impl=`` argument;
+``None`` there falls back to the process-wide default of :func:`set_impl` / the
+``UNIFUSION_KERNEL_IMPL`` environment variable (for scripts).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def use_impl(impl: str) -> Iterator[None]:
         _default_impl = old
 
 
+# torch.compile: treat these environment checks as constants while tracing (no graph break)
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -52,6 +56,7 @@ def triton_available() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
 def interpreter_active() -> bool:
     """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``).
 

@@ -108,61 +108,92 @@ def _blocks(T: int, H: int) -> tuple[int, int]:
     return block_t, block_h
 
 
-class LayerPoolFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        T, n, H = x.shape
-        y = torch.empty((T, H), dtype=x.dtype, device=x.device)
-        if T > 0 and H > 0:
-            block_t, block_h = _blocks(T, H)
-            grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
-            _fwd[grid](
-                x,
-                weight,
-                bias if bias is not None else weight,
-                y,
-                T,
-                n,
-                H,
-                *x.stride(),
-                HAS_B=bias is not None,
-                BLOCK_T=block_t,
-                BLOCK_H=block_h,
-            )
-        ctx.save_for_backward(x, weight, bias)
-        return y
+# Triton forward/backward as torch.library custom ops (opaque to torch.compile).
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x, weight, bias = ctx.saved_tensors
-        T, n, H = x.shape
-        dx = torch.empty((T, n, H), dtype=x.dtype, device=x.device)
-        dw = torch.zeros_like(weight)
-        if T > 0 and H > 0 and n > 0:
-            block_t, block_h = _blocks(T, H)
-            grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
-            n_pad = next_pow2(n)
-            partial = torch.empty((grid[0] * grid[1], n_pad), dtype=torch.float32, device=x.device)
-            _bwd[grid](
-                x,
-                weight,
-                dy,
-                dx,
-                partial,
-                T,
-                n,
-                H,
-                *x.stride(),
-                *dy.stride(),
-                BLOCK_T=block_t,
-                BLOCK_H=block_h,
-                N_PAD=n_pad,
-            )
-            dw = partial[:, :n].sum(0).to(weight.dtype)
-        db = None
-        if bias is not None and ctx.needs_input_grad[2]:
-            db = dy.float().sum().reshape(bias.shape).to(bias.dtype)
-        return dx, dw, db
+
+@torch.library.custom_op("unifusion::layer_pool_fwd", mutates_args=())
+def _pool_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    T, n, H = x.shape
+    y = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    if T > 0 and H > 0:
+        block_t, block_h = _blocks(T, H)
+        grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
+        _fwd[grid](
+            x,
+            weight,
+            bias if bias is not None else weight,
+            y,
+            T,
+            n,
+            H,
+            *x.stride(),
+            HAS_B=bias is not None,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+        )
+    return y
+
+
+@_pool_fwd_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[2]))
+
+
+@torch.library.custom_op("unifusion::layer_pool_bwd", mutates_args=())
+def _pool_bwd_op(x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """-> ``dx (T, n, H)``, ``dweight (n,)``."""
+    T, n, H = x.shape
+    dx = torch.empty((T, n, H), dtype=x.dtype, device=x.device)
+    dw = torch.zeros_like(weight)
+    if T > 0 and H > 0 and n > 0:
+        block_t, block_h = _blocks(T, H)
+        grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
+        n_pad = next_pow2(n)
+        partial = torch.empty((grid[0] * grid[1], n_pad), dtype=torch.float32, device=x.device)
+        _bwd[grid](
+            x,
+            weight,
+            dy,
+            dx,
+            partial,
+            T,
+            n,
+            H,
+            *x.stride(),
+            *dy.stride(),
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            N_PAD=n_pad,
+        )
+        dw = partial[:, :n].sum(0).to(weight.dtype)
+    elif n > 0:
+        dx.zero_()
+    return dx, dw
+
+
+@_pool_bwd_op.register_fake
+def _(x: Tensor, weight: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _pool_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.bias_shape = bias.shape if bias is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(x, weight)
+
+
+def _pool_backward(ctx, dy: Tensor):
+    x, weight = ctx.saved_tensors
+    dx, dw = _pool_bwd_op(x, weight, dy)
+    db = None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = dy.float().sum().reshape(ctx.bias_shape).to(ctx.bias_dtype)
+    return dx, dw, db
+
+
+_pool_fwd_op.register_autograd(_pool_backward, setup_context=_pool_setup)
 
 
 def layer_pool(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl: str | None = None) -> Tensor:
@@ -181,4 +212,4 @@ def layer_pool(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl: s
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if resolve_impl(impl, *tensors) == "torch":
         return layer_pool_reference(x, weight, bias)
-    return LayerPoolFunction.apply(x, weight, bias)
+    return _pool_fwd_op(x, weight, bias)

@@ -56,25 +56,49 @@ _fwd = lazy_jit(_swiglu_fwd_kernel)
 _bwd = lazy_jit(_swiglu_bwd_kernel)
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
-        g, u = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(g)
-        if g.numel() > 0:
-            _fwd[(triton.cdiv(g.numel(), BLOCK),)](g, u, y, g.numel(), BLOCK=BLOCK, num_warps=4)
-        ctx.save_for_backward(g, u)
-        return y
+# Triton forward/backward as torch.library custom ops (opaque to torch.compile).
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        g, u = ctx.saved_tensors
-        dy = dy.contiguous()
-        dg = torch.empty_like(g)
-        du = torch.empty_like(u)
-        if g.numel() > 0:
-            _bwd[(triton.cdiv(g.numel(), BLOCK),)](dy, g, u, dg, du, g.numel(), BLOCK=BLOCK, num_warps=4)
-        return dg, du
+
+@torch.library.custom_op("unifusion::swiglu_fwd", mutates_args=())
+def _swiglu_fwd_op(gate: Tensor, up: Tensor) -> Tensor:
+    g, u = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(g)
+    if g.numel() > 0:
+        _fwd[(triton.cdiv(g.numel(), BLOCK),)](g, u, y, g.numel(), BLOCK=BLOCK, num_warps=4)
+    return y
+
+
+@_swiglu_fwd_op.register_fake
+def _(gate: Tensor, up: Tensor) -> Tensor:
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("unifusion::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    g, u, dy = gate.contiguous(), up.contiguous(), dy.contiguous()
+    dg = torch.empty_like(g)
+    du = torch.empty_like(u)
+    if g.numel() > 0:
+        _bwd[(triton.cdiv(g.numel(), BLOCK),)](dy, g, u, dg, du, g.numel(), BLOCK=BLOCK, num_warps=4)
+    return dg, du
+
+
+@_swiglu_bwd_op.register_fake
+def _(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    like = dict(memory_format=torch.contiguous_format)
+    return torch.empty_like(gate, **like), torch.empty_like(up, **like)
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dy: Tensor):
+    gate, up = ctx.saved_tensors
+    return _swiglu_bwd_op(dy, gate, up)
+
+
+_swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
 def swiglu(gate: Tensor, up: Tensor, *, impl: str | None = None) -> Tensor:
@@ -85,4 +109,4 @@ def swiglu(gate: Tensor, up: Tensor, *, impl: str | None = None) -> Tensor:
         raise ValueError(f"swiglu expects gate and up of one dtype, got {gate.dtype} and {up.dtype}")
     if resolve_impl(impl, gate, up) == "torch":
         return swiglu_reference(gate, up)
-    return SwiGLUFunction.apply(gate, up)
+    return _swiglu_fwd_op(gate, up)

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=${PYTHON:-python3}
-"$PY" -m unifusion.cli fit -c experiments/quickstart.yaml
+# a fixed run folder, so the README's next command finds the model; --ckpt_path=last makes a
+# re-run continue an interrupted training (or do nothing once it has finished)
+"$PY" -m unifusion.cli fit -c experiments/quickstart.yaml --run_dir runs/quickstart --ckpt_path=last

@@ -18,6 +18,8 @@ OVERLAYS = sorted(
     os.path.relpath(p, ROOT)
     for p in glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True)
     if os.path.abspath(p) != QUICKSTART
+    # study files (a top-level `arms:`) are not fit overlays; tests/test_study.py parses each of their arms
+    and "\narms:" not in open(p, encoding="utf-8").read()
 )
 
 
@@ -26,7 +28,7 @@ def tiny_args() -> list[str]:
     the configs' relative artifacts/ and runs/ paths land there."""
     return [
         "--trainer.fast_dev_run=true",
-        "--model.sample_steps=3",
+        "--model.sampling.steps=3",
         "--data.init_args.batch_size=4",
         "--data.init_args.shuffle_buffer=8",
         "--data.init_args.generate_shapes.num=64",
@@ -54,6 +56,75 @@ def test_top_level_help(capsys):
     out = capsys.readouterr().out
     for cmd in ("fit", "generate", "data", "cache", "eval", "profile", "analyze"):
         assert cmd in out
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["analyze", "--help"], ["layer-weights", "layer-similarity", "layer-dropout", "all"]),
+        (["profile", "--help"], ["-c CONFIG, --config CONFIG", "--steps", "Literal['torch', 'triton', 'auto']"]),
+        (["cache", "--help"], ["-c CONFIG, --config CONFIG", "--out", "{float16,bfloat16,float32}"]),
+        (
+            ["data", "convert", "--help"],
+            ["input_image", "edit_prompt", "edited_image", "source_img", "instruction", "target_img"],
+        ),
+        (["eval", "--help"], ["shapes", "recon", "dpg", "vqascore"]),
+        (["eval", "recon", "--help"], ["--lpips_weights", "{alex,vgg}", "--max_tiles", "--dreamsim_model"]),
+        (["eval", "dpg", "--help"], ["--judge_mode {logits,cot}", "--prompts_file"]),
+    ],
+)
+def test_tool_help_shows_typed_choices(args, needles, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code in (0, None)
+    out = " ".join(capsys.readouterr().out.split())  # unwrap argparse's line breaks
+    for needle in needles:
+        assert " ".join(needle.split()) in out, (needle, out)
+    assert "--experiment" not in out
+
+
+def test_experiment_arguments_are_split_like_fit():
+    from unifusion.cli import split_experiment_args
+
+    exp, rest = split_experiment_args(
+        [
+            "-c",
+            "a.yaml",
+            "--out",
+            "x",
+            "--config=b.yaml",
+            "--data.init_args.batch_size",
+            "8",
+            "--model.x=1",
+            "--steps",
+            "2",
+        ]
+    )
+    assert exp == ["-c", "a.yaml", "-c", "b.yaml", "--data.init_args.batch_size", "8", "--model.x=1"]
+    assert rest == ["--out", "x", "--steps", "2"]
+
+
+def test_a_bad_config_value_is_one_error_line(capsys):
+    """A constructor's ValueError (wrapped by jsonargparse in a multi-line union error) is one line."""
+    assert main(["fit", "-c", QUICKSTART, "--data.init_args.batch_size=0", "--trainer.max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: UniFusionDataModule.batch_size must be >= 1, got 0"], err
+    assert "Traceback" not in err
+
+
+def test_a_bare_boolean_flag_means_true():
+    from unifusion.cli import _complete_bool_flags, eval_shapes, generate_command
+
+    assert _complete_bool_flags(eval_shapes, ["--baseline", "--out", "x"]) == ["--baseline", "true", "--out", "x"]
+    assert _complete_bool_flags(eval_shapes, ["--baseline", "false"]) == ["--baseline", "false"]
+    assert _complete_bool_flags(generate_command, ["--verifi"]) == ["--verifi", "true"]  # bool | None
+
+
+def test_fit_help_offers_run_dir(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "--run_dir" in capsys.readouterr().out
 
 
 def test_console_script_help_and_fit_help():
@@ -110,3 +181,22 @@ def test_overlay_fast_dev_run(overlay, in_shared_dir, capsys):
         assert "strategy" in capsys.readouterr().out
         return
     run_cli([*args, *tiny_args()])
+
+
+@pytest.mark.cli
+def test_tiny_vae_overlay_trains_in_latent_space_through_the_cli(in_shared_dir, capsys):
+    """The latent-space overlay sets no DiT size: the DiT follows the tiny VAE's 4x8x8 latents."""
+    vae = os.path.join(ROOT, "experiments", "autoencoders", "tiny_vae.yaml")
+    run_dir = "runs/tiny_vae"
+    args = ["fit", "-c", QUICKSTART, "-c", vae, *tiny_args()[1:], "--trainer.max_steps=2", "--run_dir", run_dir]
+    assert main(args) == 0
+    assert "fit done: step 2" in capsys.readouterr().out
+    assert os.path.isfile("artifacts/tiny/vae/config.json")  # built offline on first use
+    from unifusion.pipeline import load_pipeline
+
+    pipeline = load_pipeline(ckpt=os.path.join(run_dir, "checkpoints", "last.ckpt"), device="cpu")
+    assert pipeline.latent_shape() == (4, 8, 8)
+    images = pipeline.generate(["a red circle"], steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16)
+    samples = glob.glob(os.path.join(run_dir, "samples", "*.png"))
+    assert samples, "the sample grid (decoded through the VAE) was not written"

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from unifusion.cli import load_model, main
+from unifusion.cli import load_pipeline, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "experiments", "quickstart.yaml")
 SMALL = [
-    "--model.sample_steps=2",
+    "--model.sampling.steps=2",
     "--data.init_args.batch_size=4",
     "--data.init_args.shuffle_buffer=16",
     "--data.init_args.generate_shapes.num=64",
@@ -31,20 +31,20 @@ def trained(tmp_path_factory) -> tuple[str, str]:
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        main(["fit", "-c", QUICKSTART, *SMALL, "--trainer.max_steps=3"])
+        assert main(["fit", "-c", QUICKSTART, *SMALL, "--trainer.max_steps=3", "--run_dir", "runs/commands"]) == 0
     finally:
         os.chdir(cwd)
-    ckpts = glob.glob(os.path.join(work, "runs", "quickstart", "version_*", "checkpoints", "last.ckpt"))
-    assert ckpts, "fit wrote no last.ckpt"
-    return work, ckpts[0]
+    ckpt = os.path.join(work, "runs", "commands", "checkpoints", "last.ckpt")
+    assert os.path.isfile(ckpt), "fit wrote no last.ckpt"
+    return work, ckpt
 
 
 def test_checkpoint_reloads_with_its_config(trained):
     _, ckpt = trained
-    model = load_model(ckpt, device="cpu")
-    assert type(model.conditioner).__name__ == "LayerwiseAttentionPooling"
-    assert model.ema is not None and model.ema.num_updates == 3
-    state = torch.load(ckpt, weights_only=False)
+    pipeline = load_pipeline(ckpt=ckpt, device="cpu")
+    assert type(pipeline.conditioner).__name__ == "LayerwiseAttentionPooling"
+    assert pipeline.provenance["weights"] == "ema" and pipeline.provenance["global_step"] == 3
+    state = torch.load(ckpt, weights_only=True)  # plain tensors and data: no pickle needed
     assert "ema_state_dict" in state and "encoder_metadata" in state
     # the frozen VLM is not stored in the checkpoint
     assert not any(k.startswith("encoder.") for k in state["state_dict"])
@@ -54,7 +54,7 @@ def test_generate_writes_png_and_sidecar_deterministically(trained, tmp_path, mo
     work, ckpt = trained
     monkeypatch.chdir(work)
     out = tmp_path / "gen"
-    main(
+    code = main(
         [
             "generate",
             "--ckpt",
@@ -71,14 +71,14 @@ def test_generate_writes_png_and_sidecar_deterministically(trained, tmp_path, mo
             "3",
         ]
     )
+    assert code == 0
     pngs = sorted(glob.glob(str(out / "*.png")))
     assert len(pngs) == 2
     side = json.loads(open(pngs[0].replace(".png", ".json")).read())
-    assert (
-        side["prompt"] == "a red circle" and side["seed"] == 7 and side["num_steps"] == 3 and side["checkpoint"] == ckpt
-    )
+    assert side["prompt"] == "a red circle" and side["seed"] == 7 and side["steps"] == 3 and side["source"] == ckpt
     again = tmp_path / "again.png"
-    main(["generate", "--ckpt", ckpt, "--prompt", "a red circle", "--out", str(again), "--seed", "7", "--steps", "3"])
+    args = ["generate", "--ckpt", ckpt, "--prompt", "a red circle", "--out", str(again), "--seed", "7", "--steps", "3"]
+    assert main(args) == 0
     assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(again)))
 
 
@@ -91,7 +91,9 @@ def test_edit_with_several_reference_images(trained, tmp_path, monkeypatch):
         Image.new("RGB", (16, 16), color).save(p)
         refs += ["--image", str(p)]
     out = tmp_path / "edit.png"
-    main(["edit", "--ckpt", ckpt, *refs, "--instruction", "make it green", "--out", str(out), "--steps", "2"])
+    assert (
+        main(["edit", "--ckpt", ckpt, *refs, "--instruction", "make it green", "--out", str(out), "--steps", "2"]) == 0
+    )
     assert out.exists()
     side = json.loads((tmp_path / "edit.json").read_text())
     assert side["prompt"] == "make it green" and len(side["images"]) == 2
@@ -101,7 +103,7 @@ def test_eval_shapes_writes_json_csv_and_baseline(trained, tmp_path, monkeypatch
     work, ckpt = trained
     monkeypatch.chdir(work)
     out = tmp_path / "eval"
-    main(["eval", "--ckpt", ckpt, "--bench", "shapes", "--out", str(out), "--num_per_category", "2", "--steps", "2"])
+    assert main(["eval", "shapes", "--ckpt", ckpt, "--out", str(out), "--num_per_category", "2", "--steps", "2"]) == 0
     res = json.loads((out / "shapes.json").read_text())
     assert 0.0 <= res["overall"] <= 1.0 and "baseline" in res
     assert (out / "shapes.csv").read_text().startswith("bench,group,metric,value")
@@ -112,7 +114,7 @@ def test_analyses_write_images(trained, tmp_path, monkeypatch):
     work, ckpt = trained
     monkeypatch.chdir(work)
     out = tmp_path / "analysis"
-    main(
+    code = main(
         [
             "analyze",
             "--analysis",
@@ -125,11 +127,12 @@ def test_analyses_write_images(trained, tmp_path, monkeypatch):
             "[a red circle, a blue square]",
         ]
     )
+    assert code == 0
     for name in ("layer_weights", "layer_similarity", "layer_dropout"):
         img = Image.open(out / f"{name}.png")
         assert img.width > 50 and img.height > 30
     weights = np.loadtxt(out / "layer_weights.csv", delimiter=",")
-    assert weights.size == len(load_model(ckpt, "cpu").conditioner.layer_ids)
+    assert weights.size == len(load_pipeline(ckpt=ckpt, device="cpu").conditioner.layer_ids)
     sim = np.loadtxt(out / "layer_similarity.csv", delimiter=",")
     assert np.allclose(np.diag(sim), 1.0, atol=1e-4)
 
@@ -140,7 +143,7 @@ def test_predict_writes_images_for_a_prompt_file(trained, tmp_path, monkeypatch)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na green triangle\na blue square\n")
     out = tmp_path / "pred"
-    main(
+    code = main(
         [
             "predict",
             "-c",
@@ -154,14 +157,19 @@ def test_predict_writes_images_for_a_prompt_file(trained, tmp_path, monkeypatch)
             f"--trainer.callbacks.out_dir={out}",
         ]
     )
+    assert code == 0
     assert len(glob.glob(str(out / "*.png"))) == 3
 
 
-def test_cache_command_then_train_from_cache_without_loading_the_vlm(trained, tmp_path, monkeypatch):
+def test_cache_command_then_train_from_cache_without_loading_the_vlm(trained, tmp_path, monkeypatch, capsys):
     work, ckpt = trained
     monkeypatch.chdir(work)
     cache = tmp_path / "cache"
-    main(["cache", "-c", QUICKSTART, "--out", str(cache), "--batch_size", "8"])
+    # -c and --config= mean the same as for fit, and fit's overrides pass through
+    args = ["cache", f"--config={QUICKSTART}", "--data.init_args.generate_shapes.num=64", "--out", str(cache)]
+    assert main([*args, "--batch_size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cache: 64 samples (0 skipped)") == 1, out  # one summary, not the result twice
     meta = json.loads((cache / "cache_meta.json").read_text())
     assert meta["layer_ids"]
     cached_src = f"--data.init_args.sources=[{{path: {cache}, task: t2i, cached: true}}]"
@@ -203,6 +211,33 @@ def main_no_run(extra: list[str]):
 
 def test_data_shapes_command(tmp_path):
     out = tmp_path / "shapes"
-    main(["data", "shapes", "--out", str(out), "--num", "20", "--seed", "3", "--edit_fraction", "0.5"])
+    assert main(["data", "shapes", "--out", str(out), "--num", "20", "--seed", "3", "--edit_fraction", "0.5"]) == 0
     tars = glob.glob(str(out / "*.tar"))
     assert tars and json.loads((out / "manifest.json").read_text())["counts"]["edit"] == 10
+
+
+def test_eval_recon_reaches_lpips_with_local_weights(trained, tmp_path, monkeypatch, capsys):
+    """`--lpips_weights PATH` (a torchvision AlexNet state dict here, random) reaches LPIPS."""
+    from unifusion.eval.recon import _ALEX_SLICES, LPIPS
+
+    work, ckpt = trained
+    monkeypatch.chdir(work)
+    # torchvision's layout: features.<index>.weight/bias
+    backbone = LPIPS("alex").net
+    weights = {}
+    for k, (a, b) in enumerate(_ALEX_SLICES, start=1):
+        for i in range(a, b):
+            layer = getattr(backbone, f"slice{k}")._modules[str(i)]
+            for name, value in layer.state_dict().items():
+                weights[f"features.{i}.{name}"] = value
+    path = tmp_path / "alexnet.pth"
+    torch.save(weights, path)
+    out = tmp_path / "recon"
+    args = ["eval", "recon", "--ckpt", ckpt, "--out", str(out), "--num_images", "2", "--steps", "2"]
+    assert main([*args, "--lpips_weights", str(path), "--ms_ssim_small", "skip"]) == 0
+    res = json.loads((out / "recon.json").read_text())
+    assert {"psnr", "ssim", "lpips"} <= set(res) and "ms_ssim" not in res
+    assert "lpips=" in capsys.readouterr().out
+    # a missing weights file fails before the model is even loaded
+    assert main([*args, "--lpips_weights", str(tmp_path / "nope.pth")]) == 1
+    assert "--lpips_weights" in capsys.readouterr().err

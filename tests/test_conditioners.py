@@ -133,11 +133,14 @@ def test_empty_samples_are_finite(name: str, lengths: list[int]) -> None:
         assert torch.isfinite(t).all() and t[0].abs().max() == 0
 
 
-def test_roles_are_selected() -> None:
+def test_conditioners_take_every_token_they_are_given() -> None:
+    """Token roles are chosen once, by the encoder: a conditioner neither drops tokens nor takes `roles`."""
     feats = make_features([4, 4])
     feats.roles[:, 0] = int(TokenRole.SYSTEM)
-    cond = LastLayer(ENC, BB, roles=["user_text"])(feats)
-    assert cond.tokens.shape[1] == 3 and cond.mask.all()
+    cond = LastLayer(ENC, BB)(feats)
+    assert cond.tokens.shape[1] == 4 and cond.mask.all()
+    with pytest.raises(TypeError, match="roles"):
+        LastLayer(ENC, BB, roles=["user_text"])  # type: ignore[call-arg]
 
 
 def test_last_layer_picks_taps() -> None:

@@ -51,7 +51,13 @@ def folder(tmp_path):
 def test_image_folder_writes_captions_and_counts_skips(folder, tmp_path):
     out = tmp_path / "shards"
     counts = convert_image_folder(folder, out, maxcount=2)
-    assert counts == {"written": 3, "skipped_unreadable": 1, "skipped_no_caption": 1, "shards": 2}
+    assert counts == {
+        "written": 3,
+        "skipped_unreadable": 1,
+        "skipped_no_caption": 1,
+        "skipped_bad_caption": 0,
+        "shards": 2,
+    }
     samples = {s["txt"].decode(): s for s in read_samples(out)}
     assert set(samples) == {"a red square", "a green field", "blue"}
     assert not any("." in s["__key__"] or "/" in s["__key__"] for s in samples.values())
@@ -164,15 +170,38 @@ def test_edit_records_json_with_paths_and_column_overrides(tmp_path):
         convert_edit_records(rec, tmp_path / "o3", style="pix2pix-zero")
 
 
-def test_cli_functions_print_and_return_counts(tmp_path, folder, capsys):
+def test_cli_functions_return_counts_and_the_command_prints_them_once(tmp_path, folder, capsys):
+    from unifusion.cli import main
+
     counts = shapes_command(str(tmp_path / "shp"), num=12, seed=1, edit_fraction=0.25, shard_size=5)
     assert counts == {"t2i": 9, "recon": 0, "edit": 3, "shards": 3}
-    assert "wrote 12 shapes samples" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # library functions do not print; the command does
     c2 = convert_command("image_folder", str(folder), str(tmp_path / "conv"), maxcount=10)
-    assert c2["written"] == 3 and "converted image_folder" in capsys.readouterr().out
+    assert c2["written"] == 3 and capsys.readouterr().out == ""
     assert os.path.isfile(tmp_path / "conv" / "manifest.json")
     with pytest.raises(ValueError, match="unknown converter kind"):
         convert_command("zip", "a", "b")
+    assert main(["data", "convert", "--kind", "image_folder", "--src", str(folder), "--out", str(tmp_path / "c3")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        f"data convert: wrote {tmp_path / 'c3'}: written 3, skipped_unreadable 1, "
+        "skipped_no_caption 1, skipped_bad_caption 0, shards 1"
+    ]
+
+
+def test_image_folder_skips_and_counts_a_caption_file_that_is_not_utf8(folder, tmp_path, caplog):
+    """A caption file in another encoding aborted the whole conversion (read_text outside the try)."""
+    (folder / "latin.png").write_bytes(_img_bytes((1, 2, 3)))
+    (folder / "latin.txt").write_bytes("caf\xe9 au lait, \xa9 2019".encode("latin-1"))
+    (folder / "binary.png").write_bytes(_img_bytes((4, 5, 6)))
+    (folder / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    out = tmp_path / "shards"
+    counts = convert_image_folder(folder, out)
+    assert counts["written"] == 3 and counts["skipped_bad_caption"] == 2 and counts["skipped_unreadable"] == 1
+    manifest = read_manifest(out)
+    assert manifest["counts"]["t2i"] == 3 and manifest["conversions"][-1]["skipped_bad_caption"] == 2
+    assert {s["txt"].decode() for s in read_samples(out)} == {"a red square", "a green field", "blue"}
+    assert any("latin.txt" in r.getMessage() and "UTF-8" in r.getMessage() for r in caplog.records)
 
 
 def test_converters_share_one_directory(folder, tmp_path):
@@ -226,4 +255,3 @@ def test_data_cli_entry_points_parse_their_options(tmp_path, folder, capsys):
     args = ["convert", "index", str(index), str(tmp_path / "c"), "--image_root"]
     args += [str(folder), "--image_key", "file", "--caption_key", "text", "--maxcount", "5"]
     assert CLI(commands, args=args)["written"] == 1
-    assert "converted index" in capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -201,34 +200,36 @@ def test_resampled_stream_fills_the_epoch(shapes_dir):
 
 
 def _cached_dir(tmp_path, lengths, rewrites):
+    """A feature cache (format 2: safetensors shard + cache_meta.json) with random features."""
+    from unifusion.encoders.cache import FORMAT, FORMAT_VERSION, CacheShardWriter
+
     d = tmp_path / "cache"
     d.mkdir()
-    samples = []
+    w = CacheShardWriter(str(d / "cache-000000.safetensors"), torch.float16, [0, 2, 4])
     for i, (s, rw) in enumerate(zip(lengths, rewrites)):
-        buf = io.BytesIO()
-        feat = {
-            "hidden": torch.randn(s, 3, 8).half(),
-            "roles": torch.full((s,), 2, dtype=torch.int8),
-            "layer_ids": [0, 2, 4],
-        }
-        torch.save(feat, buf)
-        sample = _good(i)
-        sample["feat.pth"] = buf.getvalue()
+        info = {"key": f"s{i:04d}", "task": "t2i", "txt": "a red circle"}
         if rw is not None:
-            sample["rewrite.txt"] = rw
-        samples.append(sample)
-    _write_tar(d / "c-000000.tar", samples)
-    meta = {"encoder": "tiny", "layer_ids": [0, 2, 4], "hidden_size": 8}
+            info["rewrite"] = rw
+        w.add(torch.randn(s, 3, 8).half(), torch.full((s,), 2, dtype=torch.int8), _good(i)["png"], info)
+    w.close()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoder": "tiny",
+        "layer_ids": [0, 2, 4],
+        "hidden_size": 8,
+        "roles": ["user_text"],
+        "shards": ["cache-000000.safetensors"],
+    }
     (d / "cache_meta.json").write_text(json.dumps(meta))
     return d, meta
 
 
 def test_cached_sources_give_encoder_features(tmp_path):
     d, meta = _cached_dir(tmp_path, [5, 3, 7], ["rewrite zero", None, "rewrite two"])
-    _write_tar(d / "c-000001.tar", [_good(99)])  # no feat.pth: skipped and counted
     dm = _dm([DataSource(str(d), "t2i", cached=True)], batch_size=3, shuffle_buffer=1)
     (b,) = list(dm.train_dataloader())
-    assert dm.skipped == 1
+    assert dm.skipped == 0
     assert set(b) == {"task", "target", "key", "features"}
     f = b["features"]
     assert isinstance(f, EncoderFeatures)
@@ -237,7 +238,7 @@ def test_cached_sources_give_encoder_features(tmp_path):
     assert f.mask.sum(1).tolist() == [5, 3, 7]
     assert f.texts == ["rewrite zero", "", "rewrite two"]
     assert dm.cache_metadata() == meta
-    assert _dm([DataSource(str(d), "t2i")]).cache_metadata() is None
+    assert UniFusionDataModule(sources=[DataSource(str(d), "t2i")]).cache_metadata() is None
 
 
 def test_no_val_sources_means_no_validation_and_yaml_builds_it(shapes_dir, tmp_path, caplog):
@@ -369,3 +370,74 @@ def test_edit_samples_with_several_reference_images(tmp_path):
 
     assert centre == [COLORS[c] for c in ("red", "green", "blue", "cyan")]
     assert b["prompt"] == ["combine them"]
+
+
+# ---------------------------------------------------------------------------------- held (issue 13)
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` pixels and holds none: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def test_one_epoch_skips_and_counts_exactly_the_7_corrupt_samples_of_52(tmp_path):
+    """45 good samples and 7 broken in different ways, in one shard: one epoch yields the 45 and
+    counts the 7 (the held behaviour of issue 13)."""
+    from PIL import Image
+
+    bomb_side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 16  # over PIL's error threshold
+    broken = {
+        "truncated_png": {"png": png_bytes(np.zeros((16, 16, 3), np.uint8))[:40], "txt": "x"},
+        "not_an_image": {"png": b"<html>404 not found</html>", "txt": "x"},
+        "zero_bytes": {"png": b"", "txt": "x"},
+        "no_caption": {"png": _good(0)["png"]},
+        "caption_not_utf8": {"png": _good(0)["png"], "txt": b"caf\xe9 cr\xe8me \xff"},
+        "decompression_bomb": {"png": _png_header_only(bomb_side, bomb_side), "txt": "x"},
+        "no_image": {"txt": "a caption without its image"},
+    }
+    samples = [_good(i) for i in range(45)]
+    for j, (name, fields) in enumerate(broken.items()):
+        samples.insert(3 + 6 * j, {"__key__": f"bad_{name}", **fields})
+    assert len(samples) == 52
+    d = tmp_path / "corrupt"
+    d.mkdir()
+    _write_tar(d / "data-000000.tar", samples)
+    dm = _dm([DataSource(str(d), "t2i")], batch_size=5, shuffle_buffer=16)
+    keys = [k for b in dm.train_dataloader() for k in b["key"]]
+    assert sorted(keys) == [f"s{i:04d}" for i in range(45)]  # every good sample once, no broken one
+    assert dm.skipped == 7
+    assert dm.state_dict()["skipped"] == 7
+
+
+class _Evil:
+    """Unpickling this would run code (here: create a marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_feature_cache_with_a_pickle_is_refused_not_unpickled(tmp_path):
+    """A version-1 style cache (a ``feat.pth`` pickle per sample) is refused before any sample is
+    read, so a crafted pickle in it never runs."""
+    from unifusion.encoders.cache import FeatureCacheError
+
+    marker = tmp_path / "pwned"
+    d = tmp_path / "old_cache"
+    d.mkdir()
+    evil = tmp_path / "evil.pth"
+    torch.save({"hidden": _Evil(str(marker))}, evil)
+    _write_tar(d / "cache-000000.tar", [{"__key__": "s0000", "feat.pth": evil.read_bytes(), "png": _good(0)["png"]}])
+    (d / "cache_meta.json").write_text(json.dumps({"format_version": 1, "layer_ids": [0], "encoder": "tiny"}))
+    dm = UniFusionDataModule(sources=[DataSource(str(d), "t2i", cached=True)], batch_size=1)
+    with pytest.raises(FeatureCacheError, match="format version 1"):
+        dm.setup("fit")
+        list(dm.train_dataloader())
+    assert not marker.exists()

@@ -232,3 +232,86 @@ def test_edits_keep_objects_apart():
         for a, b in itertools.combinations(tgt.objects, 2):
             assert a.cell != b.cell
             assert max(abs(a.x - b.x), abs(a.y - b.y)) - (a.size + b.size) / 2 > -0.015
+
+
+# ---------------------------------------------------------------------------------------
+# held-out compositions (ShapesBench's held_out category)
+
+
+def _held_out_phrases() -> list[str]:
+    """Every way a caption or instruction could name a held-out composition."""
+    ho = shapes.HELD_OUT
+    out = [f"{c} {s}" for c, s in ho.pairs] + [f"{c} {shapes._plural(s)}" for c, s in ho.pairs]
+    for a, rel, b in ho.relations:
+        out.append(ho.relation_name(a, rel, b))
+        out.append(ho.relation_name(b, shapes.inverse_relation(rel), a))
+    return out
+
+
+def test_held_out_constant_is_compositional():
+    ho = shapes.HELD_OUT
+    assert ho.pairs and ho.relations
+    assert len(ho.names()) == len(set(ho.names())) == len(ho.pairs) + len(ho.relations)
+    for color, shape in ho.pairs:
+        # the parts are seen: the colour with another shape, the shape with another colour
+        assert any((color, s) not in ho.pairs for s in SHAPES if s != shape)
+        assert any((c, shape) not in ho.pairs for c in COLORS if c != color)
+    for a, _, b in ho.relations:
+        assert a not in ho.pairs and b not in ho.pairs
+    with pytest.raises(ValueError, match="relation"):
+        shapes.HeldOut(relations=((("red", "circle"), "inside", ("blue", "square")),))
+    with pytest.raises(ValueError, match="color"):
+        shapes.HeldOut(pairs=(("mauve", "circle"),))
+
+
+def test_generator_never_emits_held_out_compositions(tmp_path):
+    ho = shapes.HELD_OUT
+    phrases = _held_out_phrases()
+    seen_pairs, seen_reverse = set(), set()
+    rng = random.Random(11)
+    for _ in range(4000):
+        scene = random_scene(rng, 1, 4)
+        assert ho.violations(scene.objects) == [], scene
+        cap = caption(scene, rng)
+        assert not [p for p in phrases if p in cap], cap
+        ins, tgt, _ = make_edit(scene, rng)
+        assert ho.violations(tgt.objects) == [], (ins, tgt)
+        assert not [p for p in phrases if p in ins], ins
+        seen_pairs |= {(o.color, o.shape) for o in scene.objects}
+        for a, rel, b in ho.relations:  # the reverse arrangement of a held-out relation does occur
+            for oa in scene.objects:
+                for ob in scene.objects:
+                    if (oa.color, oa.shape) == a and (ob.color, ob.shape) == b and shapes.in_relation(ob, oa, rel):
+                        seen_reverse.add((a, rel, b))
+    assert seen_pairs == {(c, s) for c in COLORS for s in SHAPES} - set(ho.pairs)
+    assert seen_reverse == set(ho.relations)
+    # ... and so do the real shards (what `unifusion data shapes` and the quickstart write)
+    from unifusion.data.shards import read_samples, write_shapes_shards
+
+    manifest = write_shapes_shards(tmp_path, num=1500, seed=3, edit_fraction=0.4, max_objects=4)
+    assert manifest["held_out"] == ho.names()
+    n = 0
+    for sample in read_samples(tmp_path):
+        meta = json.loads(sample["json"])
+        text = sample["txt"].decode()
+        assert not [p for p in phrases if p in text], text
+        for key in ("scene", "source_scene", "target_scene"):
+            if key in meta:
+                assert ho.violations(Scene.from_dict(meta[key]).objects) == [], meta
+        n += 1
+    assert n == 1500
+
+
+def test_held_out_can_be_switched_off_and_fails_clearly_when_nothing_is_left():
+    rng = random.Random(0)
+    found = set()
+    for _ in range(2000):
+        s = random_scene(rng, 1, 4, held_out=None)
+        found |= set(shapes.HELD_OUT.violations(s.objects))
+    assert found == set(shapes.HELD_OUT.names())
+    # excluding a held-out pair must not change scenes that never drew one
+    a = [random_scene(random.Random(s), 1, 1, colors=["green"]) for s in range(30)]
+    b = [random_scene(random.Random(s), 1, 1, colors=["green"], held_out=None) for s in range(30)]
+    assert a == b
+    with pytest.raises(ValueError, match="held-out"):
+        random_scene(random.Random(0), 1, 1, shapes=["triangle"], colors=["red"])

@@ -51,28 +51,18 @@ def test_bench_truncated_forward_smoke(tmp_path, capsys):
     assert "measured_fraction" in capsys.readouterr().out
 
 
-def test_bench_feature_cache_smoke(tmp_path):
+def test_bench_feature_cache_smoke(tmp_path, capsys):
+    """The real quickstart config, live vs cached, one short window each (the real run is in benchmarks/)."""
     mod = _load("bench_feature_cache")
     rows = mod.main(
-        [
-            "--hidden",
-            "32",
-            "--layers",
-            "2",
-            "--samples",
-            "6",
-            "--batch",
-            "3",
-            "--steps",
-            "1",
-            "--image-size",
-            "16",
-            "--csv",
-            str(tmp_path / "c.csv"),
-        ]
+        ["--samples", "40", "--windows", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]
+        + ["--csv", str(tmp_path / "c.csv")]
     )
-    assert [r["mode"] for r in rows] == ["live", "cached"]
-    assert all(r["ms_per_step"] > 0 and r["bytes_per_sample"] > 0 for r in rows)
+    assert [r["mode"] for r in rows] == ["live", "cached", "cached_mem"]
+    assert all(r["ms_per_step"] > 0 for r in rows) and (tmp_path / "c.csv").exists()
+    assert rows[0]["encoder_ms"] > 0 and rows[1]["encoder_ms"] == 0 == rows[2]["encoder_ms"]
+    out = capsys.readouterr().out
+    assert "same tokens live and cached: yes" in out and "cached vs live" in out
 
 
 @pytest.mark.parametrize("name", ["bench_truncated_forward", "bench_feature_cache"])

@@ -1,7 +1,6 @@
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -9,10 +8,14 @@ import torch
 from PIL import Image
 
 from unifusion.encoders.cache import (
+    FORMAT_VERSION,
     META_FILE,
+    CacheShard,
+    FeatureCacheError,
+    cache_shard_paths,
     check_cache_compatible,
-    decode_feat,
     features_from_cache,
+    iter_cache,
     read_cached_features,
     reference_images,
     write_feature_cache,
@@ -82,6 +85,10 @@ def setup(tmp_path_factory):
     return root, model, src, samples
 
 
+def _cached_by_key(out_dir: str) -> dict:
+    return {shard.samples[i]["key"]: (shard, i) for shard, i in iter_cache(out_dir)}
+
+
 def test_cache_round_trip_matches_live_forward(setup):
     root, model, src, samples = setup
     enc = HFEncoder(model, layers=[1, 3])
@@ -91,46 +98,55 @@ def test_cache_round_trip_matches_live_forward(setup):
     assert summary["bytes_per_sample"] > 0
     meta = json.load(open(os.path.join(out_dir, META_FILE)))
     assert meta["layer_ids"] == [1, 3] and meta["cache_dtype"] == "float16" and meta["num_samples"] == 6
-    assert meta["roles"] == ["user_text", "image_tile", "thumbnail"]
+    assert meta["roles"] == ["user_text", "image_tile", "thumbnail"] and meta["format_version"] == FORMAT_VERSION
+    assert meta["shards"] == ["cache-000000.safetensors", "cache-000001.safetensors"]
     check_cache_compatible(meta, enc)
     check_cache_compatible(out_dir, enc)
 
-    # same keys and image fields are kept
-    import webdataset as wds
+    # plain safetensors files (nothing pickled), readable by the safetensors library itself
+    from safetensors.torch import load_file
 
-    cached = {
-        s["__key__"]: s
-        for s in wds.WebDataset(sorted(str(p) for p in (root / "feat").glob("*.tar")), shardshuffle=False)
-    }
+    tensors = load_file(os.path.join(out_dir, "cache-000000.safetensors"))
+    assert set(tensors) == {"hidden", "roles", "offsets", "image", "image_offsets"}
+    assert tensors["hidden"].dtype == torch.float16 and tensors["offsets"].shape == (5,)
+
+    cached = _cached_by_key(out_dir)
     assert set(cached) == {s["__key__"] for s in samples if s["__key__"] != "bad0"}
-    assert cached["edit1"]["src.png"] == samples[5]["src.png"] and cached["edit1"]["tgt.png"] == samples[5]["tgt.png"]
-    assert cached["t2i0"]["png"] == samples[0]["png"] and cached["t2i0"]["txt"] == b"a red circle 0"
+    # the target image travels with the features: png for t2i/recon, tgt.png for edits
+    shard, i = cached["edit1"]
+    assert shard.image_bytes(i) == samples[5]["tgt.png"] and shard.samples[i]["task"] == "edit"
+    shard, i = cached["t2i0"]
+    assert shard.image_bytes(i) == samples[0]["png"] and shard.samples[i]["txt"] == "a red circle 0"
 
-    by_task = {"t2i": ["t2i0", "t2i1", "t2i2"], "recon": ["rec0"], "edit": ["edit0", "edit1"]}
-    for task, keys in by_task.items():
-        raw = [cached[k] for k in keys]
-        live = enc.encode([r["txt"].decode() for r in raw], [reference_images(r, task) for r in raw], task=task)
-        live = live.select_roles(DEFAULT_ROLES)
-        got = features_from_cache([r["feat.pth"] for r in raw])
+    by_task = {"t2i": [0, 1, 2], "recon": [3], "edit": [4, 5]}
+    for task, idx in by_task.items():
+        raw = [samples[j] for j in idx]
+        prompts = [r["txt"] for r in raw]
+        live = enc.encode(prompts, [reference_images(r, task) for r in raw], task=task)
+        assert not (live.roles == 1).any()  # the encoder already dropped the template (SYSTEM)
+        got = features_from_cache([cached[r["__key__"]][0].features(cached[r["__key__"]][1]) for r in raw])
         assert got.layer_ids == (1, 3)
         assert torch.equal(got.mask, live.mask) and torch.equal(got.roles, live.roles)
         torch.testing.assert_close(got.hidden.float(), live.hidden, rtol=2e-3, atol=2e-3)
-        assert got.hidden.dtype == torch.float16
-        d = decode_feat(raw[0]["feat.pth"])
-        assert d["hidden"].shape[1:] == (2, 64) and d["roles"].dtype == torch.int8
+        assert got.hidden.dtype == torch.float16 and got.hidden.shape[2:] == (2, 64)
     # recon keeps only image tokens
-    rec = decode_feat(cached["rec0"]["feat.pth"])
-    assert set(rec["roles"].tolist()) == {4}
+    shard, i = cached["rec0"]
+    assert set(shard.hidden_and_roles(i)[1].tolist()) == {4}
 
     # reader + layer subset
     batches = list(read_cached_features(out_dir, layer_ids=[3], batch_size=4))
     assert [len(k) for k, _ in batches] == [4, 2] and batches[0][1].layer_ids == (3,)
+    # memory-mapped and in-memory reads agree
+    for path in cache_shard_paths(out_dir):
+        a, b = CacheShard(path), CacheShard(path, in_memory=True)
+        for j in range(len(a)):
+            assert all(torch.equal(x, y) for x, y in zip(a.hidden_and_roles(j), b.hidden_and_roles(j)))
 
 
-def test_check_cache_compatible_lists_differences(setup):
+def test_check_cache_compatible_lists_differences(setup, tmp_path):
     root, model, src, _ = setup
     enc = HFEncoder(model, layers=[1, 3])
-    meta = enc.cache_metadata()
+    meta = {**enc.cache_metadata(), "format_version": FORMAT_VERSION}
     check_cache_compatible(meta, HFEncoder(model, layers=[3]))  # subset of cached layers is fine
     with pytest.raises(ValueError) as e:
         check_cache_compatible(meta, HFEncoder(model, layers="all", max_tiles=5, system_prompt="hi"))
@@ -138,6 +154,40 @@ def test_check_cache_compatible_lists_differences(setup):
     assert "layer_ids" in msg and "max_tiles" in msg and "system_prompt" in msg and "hidden_size" not in msg
     with pytest.raises(FileNotFoundError, match="cache_meta.json"):
         check_cache_compatible(str(root), enc)
+    # other roles: refused, naming the field and how to re-create the cache
+    with pytest.raises(
+        FeatureCacheError, match=r"roles: cache=\['user_text', 'image_tile', 'thumbnail'\] encoder='all'"
+    ):
+        check_cache_compatible(meta, HFEncoder(model, layers=[1, 3], roles="all"))
+    with pytest.raises(FeatureCacheError, match="unifusion cache -c CONFIG --out DIR"):
+        check_cache_compatible(meta, HFEncoder(model, layers=[1, 3], roles=["user_text"]))
+    # a cache that does not record its roles (older versions) is refused
+    no_roles = {k: v for k, v in meta.items() if k != "roles"}
+    with pytest.raises(FeatureCacheError, match="does not record which token roles.*re-create"):
+        check_cache_compatible(no_roles, enc)
+
+
+def test_old_format_caches_are_refused_with_a_clear_message(setup, tmp_path):
+    """Version 1 (a feat.pth pickle per sample in .tar shards) is refused, never unpickled."""
+    from unifusion.data.datamodule import DataSource, UniFusionDataModule
+
+    root, model, src, _ = setup
+    enc = HFEncoder(model, layers=[1, 3])
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "cache-000000.tar").write_bytes(b"")
+    meta = {**enc.cache_metadata(), "shards": ["cache-000000.tar"]}  # no format_version: version 1
+    (old / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(FeatureCacheError, match="format version 1.*re-create it with `unifusion cache"):
+        check_cache_compatible(str(old), enc)
+    dm = UniFusionDataModule(sources=[DataSource(str(old), "t2i", cached=True)])
+    with pytest.raises(FeatureCacheError, match="format version 1"):
+        dm.setup("fit")
+    # a corrupt shard is refused (reading) with the file named
+    bad = tmp_path / "cache-000000.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(FeatureCacheError, match="unreadable or corrupt"):
+        CacheShard(str(bad))
 
 
 def test_cache_with_verifi_writes_rewrites(setup, tmp_path):
@@ -147,11 +197,8 @@ def test_cache_with_verifi_writes_rewrites(setup, tmp_path):
     assert summary["num_samples"] == 3
     meta = json.load(open(tmp_path / META_FILE))
     assert meta["verifi"] is True and meta["roles"] == ["generated", "image_tile", "thumbnail"]
-    with tarfile.open(tmp_path / "cache-000000.tar") as tf:
-        names = tf.getnames()
-    assert any(n.endswith(".rewrite.txt") for n in names) and any(n.endswith(".feat.pth") for n in names)
     keys, feats = next(iter(read_cached_features(str(tmp_path))))
-    assert feats.texts is not None and len(feats.texts) == 3
+    assert feats.texts is not None and len(feats.texts) == 3 and all(isinstance(t, str) for t in feats.texts)
     assert set(feats.roles[feats.mask].tolist()) <= {int(r) for r in VERIFI_ROLES}
 
 

@@ -94,7 +94,7 @@ def test_hf_model_outside_state_dict_and_optimizer(tiny):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_encode_shapes_masks_roles(tiny, family):
-    enc = HFEncoder(tiny[family], layers=[0, 2, -1])
+    enc = HFEncoder(tiny[family], layers=[0, 2, -1], roles="all")
     prompts = ["a red circle on the left", "two blue squares"]
     is_vlm = family in VLMS
     images = [[torch.rand(3, 16, 24)], []] if is_vlm else None
@@ -123,6 +123,11 @@ def test_encode_shapes_masks_roles(tiny, family):
     assert sel.mask.sum(1).tolist() == [
         int(torch.isin(feats.roles[i], torch.tensor([int(r) for r in DEFAULT_ROLES])).sum()) for i in range(2)
     ]
+    # the default encoder returns exactly those tokens: the roles are chosen in encode()
+    default = HFEncoder(tiny[family], layers=[0, 2, -1]).encode(prompts, images, task="edit" if is_vlm else "t2i")
+    assert torch.equal(default.mask, sel.mask) and torch.equal(default.roles, sel.roles)
+    torch.testing.assert_close(default.hidden, sel.hidden, rtol=0, atol=0)
+    assert not (default.roles == R.SYSTEM).any()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -202,7 +207,7 @@ def test_internvl_processor_tiles_match_plan_tiles(tiny, max_tiles, w, h):
 
 
 def test_max_length_cuts_user_text(tiny):
-    enc = HFEncoder(tiny["llama"], layers="last", max_length=16)
+    enc = HFEncoder(tiny["llama"], layers="last", max_length=16, roles="all")
     feats = enc.encode(["a red circle " * 20, "a"])
     assert feats.seq_len == 16 and feats.mask[0].all()
     assert (feats.roles[0] == R.USER_TEXT).sum() > 0
@@ -319,3 +324,87 @@ def test_hf_style_typed_content_template(tmp_path):
     assert _ids_with_role(enc, prep, 1, R.USER_TEXT).strip() == "two squares"
     assert "Be brief." in _ids_with_role(enc, prep, 0, R.SYSTEM)
     assert int((prep.roles[0] == R.THUMBNAIL).sum()) == 32  # two images x 16 tokens
+
+
+def _same_prepared(a, b) -> bool:
+    return (
+        a.inputs.keys() == b.inputs.keys()
+        and all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+        and torch.equal(a.mask, b.mask)
+        and torch.equal(a.roles, b.roles)
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_processor_call_equals_per_sample_calls(tiny, family):
+    """One processor call per batch gives the ids, masks, roles (and image inputs) of one call per sample."""
+    enc = HFEncoder(tiny[family], layers="last", max_tiles=4)
+    prompts = ["a red circle on the left", "two blue squares", "", "make it a large magenta triangle"]
+    cases = [("t2i", None)]
+    if family in VLMS:
+        g = torch.Generator().manual_seed(0)
+        cases += [
+            ("edit", [[torch.rand(3, 16, 24, generator=g)], [torch.rand(3, 16, 16, generator=g)] * 2, [], []]),
+            ("recon", [[torch.rand(3, 32, 16, generator=g)]] * 4),
+        ]
+    for task, images in cases:
+        batched = enc.prepare(prompts, images, task=task)
+        per_sample = enc.prepare(prompts, images, task=task, per_sample=True)
+        assert _same_prepared(batched, per_sample), (family, task)
+    # a sample that must be cut to max_length falls back to the per-sample path, same result
+    short = HFEncoder(tiny[family], layers="last", max_length=24)
+    long_prompts = ["a red circle " * 12, "a"]
+    assert _same_prepared(short.prepare(long_prompts), short.prepare(long_prompts, per_sample=True))
+    assert short.prepare(long_prompts).mask.sum(1).max() <= 24
+
+
+PLACEHOLDERS = {
+    "llava": ["<image>"],
+    "qwen2_vl": ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"],
+    "qwen2_5_vl": ["<|image_pad|>", "<|vision_start|>"],
+    "internvl": ["<IMG_CONTEXT>", "<img>", "</img>"],
+    "gemma3": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
+    "llama": ["<|eot_id|>", "<|start_header_id|>"],
+    "t5": ["</s>"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captions_holding_placeholder_text_stay_text(tiny, family):
+    """A caption with the VLM's image placeholder (scraped alt-text) used to kill encoding:
+    'Found 1 <image> tokens in the text but no images were passed'."""
+    enc = HFEncoder(tiny[family], layers="last", roles="all")
+    marks = PLACEHOLDERS[family] + ["<|im_end|>", "<start_of_turn>"]
+    caption = "a photo " + " and ".join(marks) + " of a red circle"
+    special = {int(i) for i in enc.tokenizer.all_special_ids} | {int(i) for i in enc._image_token_ids()}
+    images = [[torch.rand(3, 16, 16)], []] if family in VLMS else None
+    task = "edit" if family in VLMS else "t2i"
+    for per_sample in (False, True):
+        prep = enc.prepare([caption, caption], images, task=task, per_sample=per_sample)
+        for i in range(2):
+            user_ids = prep.inputs["input_ids"][i][prep.roles[i] == int(R.USER_TEXT)].tolist()
+            assert not special & set(user_ids), (family, enc.tokenizer.convert_ids_to_tokens(user_ids))
+            text = enc.tokenizer.decode(user_ids)
+            assert "photo" in text and "red circle" in text
+            # the words of the placeholder are still there, as text
+            assert all(m.strip("<>|/").split("_")[0] in text for m in marks)
+        if family in VLMS:  # image tokens: only those of the one real image
+            n_img = [int(((prep.roles[i] == R.THUMBNAIL) | (prep.roles[i] == R.IMAGE_TILE)).sum()) for i in range(2)]
+            assert n_img[0] > 0 and n_img[1] == 0
+    feats = enc.encode([caption], [[torch.rand(3, 16, 16)]] if family in VLMS else None, task=task)
+    assert torch.isfinite(feats.hidden).all()
+    assert enc.neutralise("no markup here") == "no markup here"
+
+
+def test_roles_option_is_validated_and_recorded(tiny):
+    enc = HFEncoder(tiny["llava"], layers="last", roles=["user_text", "thumbnail"])
+    feats = enc.encode(["a red circle"], [[torch.rand(3, 16, 16)]], task="edit")
+    assert set(feats.roles[feats.mask].tolist()) == {int(R.USER_TEXT), int(R.THUMBNAIL)}
+    assert enc.cache_metadata()["roles"] == ["user_text", "thumbnail"]
+    assert HFEncoder(tiny["llava"], layers="last").cache_metadata()["roles"] == ["user_text", "image_tile", "thumbnail"]
+    assert HFEncoder(tiny["llava"], layers="last", roles="all").cache_metadata()["roles"] == "all"
+    assert HFEncoder(tiny["llava"], layers="last", roles="system").kept_roles() == (R.SYSTEM,)
+    with pytest.raises(ValueError, match="roles=\\['users'\\].*valid roles"):
+        HFEncoder(tiny["llava"], roles=["users"])
+    with pytest.raises(ValueError, match="pad"):
+        HFEncoder(tiny["llava"], roles=["pad"])

@@ -42,19 +42,24 @@ def test_verifi_keeps_generated_and_image_tokens(tiny, family):
         assert (prep.roles[i, n - len(gen_ids) : n] == int(R.GENERATED)).all()
         # the system prompt (VERIFI instruction) is scaffolding
         assert "prompt rewriter" in tok.decode(prep.inputs["input_ids"][i][prep.roles[i] == int(R.SYSTEM)])
-    sel = feats.select_roles(VERIFI_ROLES)
-    kept_roles = set(sel.roles[sel.mask].tolist())
+    # the encoder's default roles with VERIFI: only generated + image tokens come out
+    kept_roles = set(feats.roles[feats.mask].tolist())
     assert int(R.GENERATED) in kept_roles
     assert kept_roles <= {int(R.GENERATED), int(R.IMAGE_TILE), int(R.THUMBNAIL)}
     if images is not None:
-        assert int(R.THUMBNAIL) in set(sel.roles[0][sel.mask[0]].tolist())
-        assert int(R.THUMBNAIL) not in set(sel.roles[1][sel.mask[1]].tolist())
+        assert int(R.THUMBNAIL) in set(feats.roles[0][feats.mask[0]].tolist())
+        assert int(R.THUMBNAIL) not in set(feats.roles[1][feats.mask[1]].tolist())
+    every = HFEncoder(tiny[family], layers=[1, -1], verifi=True, verifi_max_new_tokens=5, roles="all")
+    sel = every.encode(prompts, images, task="edit").select_roles(VERIFI_ROLES)
+    assert torch.equal(sel.mask, feats.mask) and torch.equal(sel.roles, feats.roles)
+    torch.testing.assert_close(sel.hidden, feats.hidden)
     assert enc.cache_metadata()["verifi"] is True
     assert enc.cache_metadata()["system_prompt"] == DEFAULT_VERIFI_PROMPT
+    assert enc.cache_metadata()["roles"] == ["generated", "image_tile", "thumbnail"]
 
 
 def test_verifi_features_equal_single_forward_over_prompt_and_rewrite(tiny):
-    enc = HFEncoder(tiny["llama"], layers=[2, 3], verifi=True, verifi_max_new_tokens=4)
+    enc = HFEncoder(tiny["llama"], layers=[2, 3], verifi=True, verifi_max_new_tokens=4, roles="all")
     prep = enc.prepare(["a red circle"])
     feats = enc.encode(["a red circle"])
     ids = prep.inputs["input_ids"][:, : int(prep.mask[0].sum())]
@@ -90,6 +95,9 @@ def test_verifi_call_time_toggle(tiny):
     assert plain.texts is None and not (plain.roles == R.GENERATED).any()
     on = enc.encode(["a red circle"], verifi=True)
     assert on.texts is not None and (on.roles == R.GENERATED).any()
+    # the default roles follow the call: VERIFI on keeps the rewrite, not the user's words
+    assert set(on.roles[on.mask].tolist()) == {int(R.GENERATED)}
+    assert set(plain.roles[plain.mask].tolist()) == {int(R.USER_TEXT)}
     enc_v = HFEncoder(tiny["llama"], layers="last", verifi=True, verifi_max_new_tokens=3)
     off = enc_v.encode(["a red circle"], verifi=False)
     assert off.texts is None and torch.equal(off.hidden, plain.hidden)

@@ -41,7 +41,7 @@ def test_eval_command_shapes_writes_json_and_csv(tmp_path: Path) -> None:
     assert result["baseline"]["overall"] == 0.0
     saved = json.loads((tmp_path / "shapes.json").read_text())
     assert saved["overall"] == pytest.approx(result["overall"])
-    assert len(saved["items"]) == 20 and "prompt" in saved["items"][0]
+    assert len(saved["items"]) == len(ShapesBench(**opts)) and "prompt" in saved["items"][0]
     with open(tmp_path / "shapes.csv") as f:
         rows = list(csv.DictReader(f))
     acc = {r["group"]: float(r["value"]) for r in rows if r["metric"] == "accuracy"}
@@ -100,13 +100,13 @@ class _Module(pl.LightningModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
 
-    def generate(self, prompts, images=None, num_steps=10, guidance=1.0, seed=0) -> Tensor:  # noqa: ANN001
+    def generate(self, prompts, images=None, steps=10, guidance=1.0, seed=0) -> Tensor:  # noqa: ANN001
         self.calls.append(
             {
                 "n": len(prompts),
                 "images": images is not None,
                 "training": self.training,
-                "num_steps": num_steps,
+                "num_steps": steps,
                 "guidance": guidance,
                 "seed": seed,
             }
@@ -134,6 +134,6 @@ def test_shapesbench_callback_logs_during_fit(tmp_path: Path) -> None:
     assert logged[0][1]["shapesbench/overall"] == 0.0  # blank images satisfy nothing
     assert all(c["num_steps"] == 3 and c["guidance"] == 2.5 and c["seed"] == 7 for c in module.calls)
     assert not any(c["training"] for c in module.calls) and module.training
-    assert sum(c["n"] for c in module.calls) == 2 * 10 and any(c["images"] for c in module.calls)
+    assert sum(c["n"] for c in module.calls) == 2 * len(cb.bench) and any(c["images"] for c in module.calls)
     assert float(trainer.callback_metrics["shapesbench/overall"]) == 0.0
     assert cb.last_result is not None and set(cb.last_result["categories"]) == set(cb.bench.categories)

@@ -33,7 +33,7 @@ def test_profile_quickstart_writes_trace(tmp_path):
         f"--data.init_args.sources=[{{path: {tmp_path}/shapes, task: t2i}}]",
         "--data.init_args.generate_shapes={num: 64, seed: 0, size: 16}",
         f"--model.encoder.init_args.path={tmp_path}/tiny_llava",
-        "--model.sample_steps=2",
+        "--model.sampling.steps=2",
     ]
     trace_dir = profile_training(args, steps=2, out_dir=str(out), impl="torch")
     assert trace_dir == str(out)

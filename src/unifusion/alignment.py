@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unifusion.conditioners.base import BackboneSpec
+from unifusion.features import EncoderSpec
+
 
 def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
     """Symmetric InfoNCE of matched rows of ``a`` and ``b`` (both (N, d), any scale)."""
@@ -42,10 +45,16 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 class AlignmentLosses(nn.Module):
     """Projection heads and the two auxiliary losses.
 
+    Built like a conditioner, from YAML ``class_path`` + weights, and called by the model with
+    both sides' specs (``aux_losses(encoder.spec, backbone.spec)``)::
+
+        aux_losses:
+          class_path: unifusion.alignment.AlignmentLosses
+          init_args: {contrastive: 0.05, repa: 0.1}   # the paper's λ2, λ3
+
     Args:
-        width: DiT width.
-        depth: DiT depth (to resolve ``repa_layer``).
-        encoder_hidden: the VLM's hidden size (REPA target dimension).
+        encoder: the encoder's spec (its hidden size is the REPA target dimension).
+        backbone: the DiT's spec (width; depth resolves ``repa_layer``).
         contrastive: weight of the cross-modal InfoNCE loss (0 = off).
         repa: weight of the REPA-style alignment loss (0 = off).
         repa_layer: DiT block whose output is aligned (default: the middle block).
@@ -55,9 +64,8 @@ class AlignmentLosses(nn.Module):
 
     def __init__(
         self,
-        width: int,
-        depth: int,
-        encoder_hidden: int,
+        encoder: EncoderSpec,
+        backbone: BackboneSpec,
         contrastive: float = 0.0,
         repa: float = 0.0,
         repa_layer: int | None = None,
@@ -67,6 +75,11 @@ class AlignmentLosses(nn.Module):
         super().__init__()
         if contrastive < 0 or repa < 0:
             raise ValueError(f"aux loss weights must be >= 0, got contrastive={contrastive}, repa={repa}")
+        if contrastive == 0 and repa == 0:
+            raise ValueError(
+                "AlignmentLosses with contrastive=0 and repa=0 does nothing; set a weight or drop aux_losses"
+            )
+        width, depth, encoder_hidden = backbone.width, backbone.depth, encoder.hidden_size
         self.contrastive_weight, self.repa_weight = contrastive, repa
         self.repa_layer = depth // 2 if repa_layer is None else repa_layer
         if not 0 <= self.repa_layer < depth:

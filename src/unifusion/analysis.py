@@ -112,8 +112,8 @@ def _write(img: Image.Image, out_dir: str, name: str, writer=None) -> str:
     return path
 
 
-def _lap(model):
-    cond = model.conditioner
+def _lap(pipeline):
+    cond = pipeline.conditioner
     if not hasattr(cond, "pooling_weights"):
         raise ValueError(
             f"the layer analyses need a conditioner with learned layer pooling (LAP); this model uses {type(cond).__name__}"
@@ -121,13 +121,13 @@ def _lap(model):
     return cond
 
 
-def layer_weight_map(model, use_ema: bool = True) -> tuple[Image.Image, np.ndarray]:
-    """|pooling weight| per VLM layer (columns) for each LAP module (rows)."""
-    cond = _lap(model)
-    with model.ema_weights(use_ema):
-        w = cond.pooling_weights().detach().float().abs().cpu().numpy()
+def layer_weight_map(pipeline) -> tuple[Image.Image, np.ndarray]:
+    """|pooling weight| per VLM layer (columns) for each LAP module (rows), from a
+    :class:`~unifusion.pipeline.UniFusionPipeline` (exported / loaded with EMA weights by default)."""
+    cond = _lap(pipeline)
+    w = cond.pooling_weights().detach().float().abs().cpu().numpy()
     w2 = np.atleast_2d(w)
-    layer_ids = list(getattr(cond, "layer_ids", model.encoder.spec.layer_ids))
+    layer_ids = list(getattr(cond, "layer_ids", pipeline.encoder.spec.layer_ids))
     rows = ["LAP"] if w2.shape[0] == 1 else [f"DiT {i}" for i in range(w2.shape[0])]
     img = heatmap(w2, [str(i) for i in layer_ids], rows, "LAP pooling |weight| per VLM layer (Fig. 8/11)")
     return img, w2
@@ -140,7 +140,9 @@ def adjacent_layer_similarity(encoder, prompts: Sequence[str]) -> tuple[Image.Im
 
     if not isinstance(encoder, HFEncoder):
         raise ValueError(f"layer-similarity needs an HFEncoder, got {type(encoder).__name__}")
-    full = HFEncoder(path=encoder.path, layers="all", family=encoder.family, dtype=encoder.dtype_name, truncate=False)
+    full = HFEncoder(
+        path=encoder.path, layers="all", family=encoder.family, dtype=encoder.dtype_name, truncate=False, roles="all"
+    )
     feats = full.encode(list(prompts))
     h = feats.hidden.float()  # (B, S, n, H)
     m = feats.mask
@@ -160,17 +162,17 @@ def adjacent_layer_similarity(encoder, prompts: Sequence[str]) -> tuple[Image.Im
 
 @torch.no_grad()
 def layer_dropout_grid(
-    model, prompts: Sequence[str], drop: Sequence[Sequence[int]], seed: int = 0, upscale: int = 4
+    pipeline, prompts: Sequence[str], drop: Sequence[Sequence[int]], seed: int = 0, upscale: int = 4
 ) -> tuple[Image.Image, list[list[int]]]:
     """Rows: no dropout, then each group of dropped layers; columns: prompts (same seed)."""
-    cond = _lap(model)
+    cond = _lap(pipeline)
     groups = [[]] + [list(g) for g in drop]
     rows = []
     old = list(getattr(cond, "layer_dropout", []))
     try:
         for g in groups:
             cond.layer_dropout = g
-            rows.append(model.generate(list(prompts), seed=seed).cpu())
+            rows.append(pipeline.generate(list(prompts), seed=seed, output_type="pt").images.cpu())
     finally:
         cond.layer_dropout = old
     grid = make_grid(torch.cat(rows), nrow=len(prompts))
@@ -199,7 +201,7 @@ def default_dropout_groups(layer_ids: Sequence[int]) -> list[list[int]]:
 
 
 def run_analysis(
-    model,
+    pipeline,
     analysis: str,
     out: str,
     prompts: Sequence[str] | None = None,
@@ -214,16 +216,16 @@ def run_analysis(
     written: list[str] = []
     try:
         if analysis in ("layer-weights", "all"):
-            img, w = layer_weight_map(model)
+            img, w = layer_weight_map(pipeline)
             written.append(_write(img, out, "layer_weights", writer))
             np.savetxt(os.path.join(out, "layer_weights.csv"), w, delimiter=",", fmt="%.6f")
         if analysis in ("layer-similarity", "all"):
-            img, sim, _ = adjacent_layer_similarity(model.encoder, prompts)
+            img, sim, _ = adjacent_layer_similarity(pipeline.encoder, prompts)
             written.append(_write(img, out, "layer_similarity", writer))
             np.savetxt(os.path.join(out, "layer_similarity.csv"), sim, delimiter=",", fmt="%.6f")
         if analysis in ("layer-dropout", "all"):
-            groups = drop or default_dropout_groups(_lap(model).layer_ids)
-            img, _ = layer_dropout_grid(model, prompts, groups, seed=seed)
+            groups = drop or default_dropout_groups(_lap(pipeline).layer_ids)
+            img, _ = layer_dropout_grid(pipeline, prompts, groups, seed=seed)
             written.append(_write(img, out, "layer_dropout", writer))
         if not written:
             raise ValueError(
@@ -231,9 +233,7 @@ def run_analysis(
             )
     finally:
         writer.close()
-    for p in written:
-        print(p)
-    return written
+    return written  # the `analyze` command prints where they went
 
 
 __all__ = [

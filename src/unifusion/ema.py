@@ -30,12 +30,17 @@ class EMA:
         self.num_updates += 1
         # warm-up (as in timm/Karras): early averages would otherwise be dominated by the init
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        shadows, params = [], []
         for name, p in module.named_parameters():
             if name in self.shadow:
                 s = self.shadow[name]
                 if s.device != p.device:
                     s = self.shadow[name] = s.to(p.device)
-                s.lerp_(p.detach().float(), 1 - decay)
+                shadows.append(s)
+                params.append(p.detach() if p.dtype == torch.float32 else p.detach().float())
+        # one multi-tensor kernel instead of a lerp per parameter (~2x faster for many small tensors)
+        if shadows:
+            torch._foreach_lerp_(shadows, params, 1 - decay)
 
     @contextlib.contextmanager
     def swapped(self, module: nn.Module) -> Iterator[None]:

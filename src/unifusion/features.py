@@ -44,6 +44,43 @@ class TokenRole(enum.IntEnum):
 DEFAULT_ROLES: tuple[TokenRole, ...] = (TokenRole.USER_TEXT, TokenRole.IMAGE_TILE, TokenRole.THUMBNAIL)
 VERIFI_ROLES: tuple[TokenRole, ...] = (TokenRole.GENERATED, TokenRole.IMAGE_TILE, TokenRole.THUMBNAIL)
 
+#: What an encoder's ``roles`` option accepts: ``None``/``"default"`` (the paper's default,
+#: :data:`DEFAULT_ROLES` or with VERIFI :data:`VERIFI_ROLES`), ``"all"`` (every real token)
+#: or an explicit list of role names.
+RolesSpec = str | Sequence[str | int | TokenRole] | None
+
+
+def parse_roles_spec(spec: RolesSpec) -> str | tuple[TokenRole, ...]:
+    """Validate an encoder's ``roles`` option: ``"default"``, ``"all"`` or a tuple of roles."""
+    if spec is None:
+        return "default"
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key in ("default", "all"):
+            return key
+        spec = [spec]  # a single role name
+    roles = TokenRole.parse(spec)
+    if not roles:
+        raise ValueError("roles must name at least one token role, or be 'default' or 'all'")
+    if TokenRole.PAD in roles:
+        raise ValueError("roles cannot include 'pad' (padding is never a real token)")
+    return roles
+
+
+def resolve_roles(spec: RolesSpec, verifi: bool) -> tuple[TokenRole, ...] | None:
+    """The roles an encoder keeps for one call; ``None`` means every real token."""
+    parsed = parse_roles_spec(spec)
+    if parsed == "default":
+        return VERIFI_ROLES if verifi else DEFAULT_ROLES
+    if parsed == "all":
+        return None
+    return parsed  # type: ignore[return-value]
+
+
+def roles_names(roles: tuple[TokenRole, ...] | None) -> list[str] | str:
+    """JSON form of resolved roles (cache metadata): role names, or ``"all"``."""
+    return "all" if roles is None else [r.name.lower() for r in roles]
+
 
 @dataclass
 class EncoderFeatures:
@@ -148,25 +185,26 @@ class EncoderFeatures:
             if it.layer_ids != ids:
                 raise ValueError(f"cannot collate features with different layer ids: {ids} vs {it.layer_ids}")
         s = max(it.seq_len for it in items)
-
-        def pad(t: Tensor, value) -> Tensor:
-            extra = s - t.shape[1]
-            if extra == 0:
-                return t
-            shape = list(t.shape)
-            shape[1] = extra
-            return torch.cat([t, t.new_full(shape, value)], dim=1)
-
         texts = None
         if any(it.texts is not None for it in items):
             texts = [t for it in items for t in (it.texts or [""] * it.batch_size)]
-        return EncoderFeatures(
-            hidden=torch.cat([pad(it.hidden, 0) for it in items]),
-            mask=torch.cat([pad(it.mask, False) for it in items]),
-            roles=torch.cat([pad(it.roles, 0) for it in items]),
-            layer_ids=ids,
-            texts=texts,
-        )
+        first = items[0]
+        b = sum(it.batch_size for it in items)
+        if any(it.hidden.dtype != first.hidden.dtype or it.hidden.device != first.hidden.device for it in items):
+            raise ValueError("cannot collate features of different dtypes or devices; convert them with .to() first")
+        # one allocation and a slice copy per item: a data loader collates a batch of
+        # one-sample features every step, and per-item padding + cat cost more than the copy
+        hidden = first.hidden.new_zeros((b, s, *first.hidden.shape[2:]))
+        mask = torch.zeros((b, s), dtype=torch.bool, device=first.mask.device)
+        roles = torch.zeros((b, s), dtype=first.roles.dtype, device=first.roles.device)
+        row = 0
+        for it in items:
+            n, sl = it.batch_size, it.seq_len
+            hidden[row : row + n, :sl] = it.hidden
+            mask[row : row + n, :sl] = it.mask
+            roles[row : row + n, :sl] = it.roles
+            row += n
+        return EncoderFeatures(hidden=hidden, mask=mask, roles=roles, layer_ids=ids, texts=texts)
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,29 @@ def sample_heun(velocity: VelocityFn, noise: Tensor, sigmas: Tensor) -> Tensor:
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
 
 
+#: How the sampling sigmas are spaced. ``flux``: ``num_steps + 1`` points evenly from 1 to 0,
+#: then shifted (Flux / Krea-2 pipelines). ``diffusers``: the default ``set_timesteps`` of
+#: diffusers' ``FlowMatchEulerDiscreteScheduler`` (evenly down to the shifted training minimum
+#: ``1 / num_train_timesteps``, shifted, then 0) — with it, Euler equals that scheduler step for step.
+SPACINGS = ("flux", "diffusers")
+
+
+def sampling_sigmas(
+    num_steps: int,
+    shift: float = 1.0,
+    spacing: Literal["flux", "diffusers"] = "flux",
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """The ``num_steps + 1`` sigmas a sampler walks through, for a :data:`SPACINGS` choice."""
+    if spacing == "flux":
+        return flow_sigmas(num_steps, shift, device=device)
+    if spacing == "diffusers":
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        return diffusers_sigmas(num_steps, shift).to(device)
+    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+
+
 def sample(
     velocity: VelocityFn,
     noise: Tensor,
@@ -140,12 +163,26 @@ def sample(
     sampler: Literal["euler", "heun"] = "euler",
     shift: float = 1.0,
     sigmas: Tensor | None = None,
+    spacing: Literal["flux", "diffusers"] = "flux",
 ) -> Tensor:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     if sigmas is None:
-        sigmas = flow_sigmas(num_steps, shift, device=noise.device)
+        sigmas = sampling_sigmas(num_steps, shift, spacing, device=noise.device)
     return SAMPLERS[sampler](velocity, noise, sigmas.to(noise.device))
+
+
+def combine_guidance(
+    v_cond: Tensor, v_uncond: Tensor | None, scale: float, v_image: Tensor | None = None, image_scale: float = 1.0
+) -> Tensor:
+    """Classifier-free guidance from already computed velocities (see :func:`guided_velocity`)."""
+    if v_image is None:
+        if v_uncond is None or scale == 1.0:
+            return v_cond
+        return v_uncond + scale * (v_cond - v_uncond)
+    if v_uncond is None:
+        raise ValueError("image guidance needs the unconditional velocity as well")
+    return v_uncond + image_scale * (v_image - v_uncond) + scale * (v_cond - v_image)
 
 
 def guided_velocity(
@@ -165,11 +202,8 @@ def guided_velocity(
         if image_cond is None:
             if scale == 1.0:
                 return cond(x, t)
-            u = uncond(x, t)
-            return u + scale * (cond(x, t) - u)
-        u = uncond(x, t)
-        vi = image_cond(x, t)
-        return u + image_scale * (vi - u) + scale * (cond(x, t) - vi)
+            return combine_guidance(cond(x, t), uncond(x, t), scale)
+        return combine_guidance(cond(x, t), uncond(x, t), scale, image_cond(x, t), image_scale)
 
     return v
 

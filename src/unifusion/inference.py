@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader, Dataset
 
+from unifusion.errors import UserError
 from unifusion.images import save_png
 
 
@@ -59,7 +58,7 @@ def _encode_kwargs(verifi: bool | None, system_prompt: str | None) -> dict[str, 
 
 
 def generate_to_files(
-    model,
+    pipeline,
     prompts: Sequence[str],
     out: str,
     *,
@@ -70,176 +69,120 @@ def generate_to_files(
     image_guidance: float | None = None,
     sampler: str | None = None,
     shift: float | None = None,
+    spacing: str | None = None,
     size: int | None = None,
     verifi: bool | None = None,
     system_prompt: str | None = None,
-    use_ema: bool = True,
     upscale: int = 1,
-    ckpt: str | None = None,
+    source: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Generate and write ``<out>/<index>_<slug>.png`` (or ``out`` itself for one prompt) + ``.json``.
+    """Generate with a :class:`~unifusion.pipeline.UniFusionPipeline` and write
+    ``<out>/<index>_<slug>.png`` (or ``out`` itself for one prompt) + a ``.json`` sidecar of
+    every setting that made it.
 
     Sample ``i`` uses seed ``seed + i`` so results do not depend on the batch size.
     """
     single_file = out.lower().endswith(".png")
     if single_file and len(prompts) != 1:
-        raise ValueError(f"--out {out!r} is a single PNG but {len(prompts)} prompts were given; pass a directory")
+        raise UserError(f"--out {out!r} is a single PNG but {len(prompts)} prompts were given; pass a directory")
     written: list[str] = []
     enc_kw = _encode_kwargs(verifi, system_prompt)
+    encoder = pipeline.encoder
+    used_verifi = bool(getattr(encoder, "verifi", False)) if verifi is None else verifi
+    used_system_prompt = system_prompt
+    if used_system_prompt is None:
+        used_system_prompt = getattr(encoder, "system_prompt", None)
+        if used_system_prompt is None and used_verifi:
+            from unifusion.encoders.hf import DEFAULT_VERIFI_PROMPT
+
+            used_system_prompt = DEFAULT_VERIFI_PROMPT
     for i, prompt in enumerate(prompts):
         imgs = [list(images[i])] if images is not None else None
-        image = model.generate(
+        result = pipeline.generate(
             [prompt],
             imgs,
-            num_steps=num_steps,
+            steps=num_steps,
             guidance=guidance,
             image_guidance=image_guidance,
             sampler=sampler,
             shift=shift,
+            spacing=spacing,
             seed=seed + i,
             size=size,
             encode_kwargs=enc_kw,
-            use_ema=use_ema,
-        )[0]
+            output_type="pt",
+        )
+        image = result.images[0]
         path = out if single_file else os.path.join(out, f"{i:04d}_{_slug(prompt)}.png")
         save_png(image, path, upscale)
+        settings = asdict(result.settings)
+        settings.pop("seed", None)
         sidecar = {
             "prompt": prompt,
             "seed": seed + i,
-            **model.sample_settings(
-                num_steps=num_steps, guidance=guidance, image_guidance=image_guidance, sampler=sampler, shift=shift
-            ),
+            **settings,
             "size": int(image.shape[-1]),
-            "use_ema": use_ema and model.ema is not None,
-            "verifi": verifi,
-            "system_prompt": system_prompt,
-            "rewrite": (model.last_texts or [None])[0],
-            "checkpoint": ckpt,
+            "upscale": int(upscale),
+            "weights": pipeline.provenance.get("weights", "raw"),
+            "verifi": used_verifi,
+            "system_prompt": used_system_prompt,
+            "rewrite": (result.texts or [None])[0],
+            "source": source,
             **(extra or {}),
         }
         with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
             json.dump(sidecar, f, indent=2)
         written.append(path)
-    for p in written:
-        print(p)
     return written
 
 
-class PromptDataset(Dataset):
-    def __init__(self, prompts: Sequence[str], seed: int = 0) -> None:
-        self.prompts = list(prompts)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"prompt": self.prompts[i], "key": f"{i:06d}", "seed": self.seed + i}
+#: Lightning-based prediction classes, imported on first use (Lightning is slow to import and
+#: ``generate`` / ``edit`` / ``eval`` do not need it); they live in :mod:`unifusion.prediction`
+_PREDICTION = ("PromptDataset", "PromptDataModule", "ImageWriter")
 
 
-def _collate_prompts(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "task": "t2i",
-        "prompt": [it["prompt"] for it in items],
-        "key": [it["key"] for it in items],
-        "seed": torch.tensor([it["seed"] for it in items]),
-    }
+def __getattr__(name: str) -> Any:
+    if name in _PREDICTION:
+        from unifusion import prediction
 
-
-class PromptDataModule(pl.LightningDataModule):
-    """Prompts for ``unifusion predict`` (large prompt files, batched, any number of devices).
-
-    Each batch is sampled with the seed of its first prompt; use ``batch_size: 1`` for
-    per-prompt seeds identical to ``unifusion generate``.
-    """
-
-    def __init__(self, prompts_file: str, batch_size: int = 8, seed: int = 0, num_workers: int = 0) -> None:
-        super().__init__()
-        self.prompts_file = prompts_file
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-
-    def predict_dataloader(self) -> DataLoader:
-        ds = PromptDataset(read_prompts(self.prompts_file), self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, collate_fn=_collate_prompts, num_workers=self.num_workers)
-
-
-class ImageWriter(BasePredictionWriter):
-    """Writes predicted images as PNGs with JSON sidecars under ``out_dir``."""
-
-    def __init__(self, out_dir: str = "predictions", upscale: int = 1) -> None:
-        super().__init__(write_interval="batch")
-        self.out_dir = out_dir
-        self.upscale = upscale
-
-    def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        os.makedirs(self.out_dir, exist_ok=True)
-        texts = prediction.get("texts") or [None] * len(prediction["prompt"])
-        for j, (img, prompt) in enumerate(zip(prediction["images"], prediction["prompt"])):
-            key = prediction["key"][j] if prediction.get("key") else f"{batch_idx:05d}_{j:03d}"
-            path = os.path.join(self.out_dir, f"{key}_{_slug(prompt)}.png")
-            save_png(img, path, self.upscale)
-            with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
-                json.dump(
-                    {
-                        "prompt": prompt,
-                        "batch_seed": prediction["seed"],
-                        "rewrite": texts[j] if j < len(texts) else None,
-                        **pl_module.sample_defaults,
-                        **prediction.get("options", {}),
-                    },
-                    f,
-                    indent=2,
-                )
+        return getattr(prediction, name)
+    raise AttributeError(f"module 'unifusion.inference' has no attribute {name!r}")
 
 
 def run_eval(
-    model,
+    pipeline,
     bench: str,
     out: str,
-    judge: str | None = None,
-    prompts_file: str | None = None,
-    num_per_category: int = 20,
-    num_steps: int | None = None,
+    *,
+    steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
-    unconditional_baseline: bool = True,
     max_tiles: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Run one benchmark on a model; JSON/CSV under ``out`` plus TensorBoard scalars there."""
+    """Run one benchmark on a pipeline; JSON/CSV under ``out`` plus TensorBoard scalars there.
+
+    ``steps``, ``guidance``, ``seed`` and ``max_tiles`` say how images are generated; ``options``
+    are the benchmark's own (see :mod:`unifusion.eval.commands`; unknown ones raise
+    ``TypeError``). ShapesBench and reconstruction default ``image_size`` to the pipeline's
+    and ``seed`` to the generation seed. ``unifusion eval shapes|recon|dpg|vqascore`` call this.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
-    from unifusion.eval.commands import BENCHES, eval_command, result_rows
+    from unifusion.eval.commands import eval_command, result_rows
 
-    if bench not in BENCHES:
-        raise SystemExit(f"error: --bench must be one of {', '.join(BENCHES)}, got {bench!r}")
     enc_kw = {"max_tiles": max_tiles} if max_tiles else None
 
     def generate_fn(prompts: list[str], images: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
-        return model.generate(prompts, images, num_steps=num_steps, guidance=guidance, seed=seed, encode_kwargs=enc_kw)
+        result = pipeline.generate(
+            prompts, images, steps=steps, guidance=guidance, seed=seed, encode_kwargs=enc_kw, output_type="pt"
+        )
+        return result.images
 
-    size = int(model.latent_shape()[-1] * getattr(model.autoencoder, "compression", 1))
-    if bench == "shapes":
-        options = {
-            "image_size": size,
-            "num_per_category": num_per_category,
-            "seed": seed,
-            "baseline": unconditional_baseline,
-        }
-    elif bench == "recon":
-        options = {"image_size": size, "seed": seed}
-    elif bench == "dpg":
-        if not prompts_file or not judge:
-            raise SystemExit("error: --bench dpg needs --prompts_file dpg_bench.csv and --judge /path/to/local/vlm")
-        options = {"csv": prompts_file, "judge_model": judge}
-    else:
-        if not prompts_file or not judge:
-            raise SystemExit("error: --bench vqascore needs --prompts_file prompts.json and --judge /path/to/local/vlm")
-        options = {"prompts": prompts_file, "model": judge}
+    if bench in ("shapes", "recon"):
+        options.setdefault("image_size", pipeline.image_size)
+        options.setdefault("seed", seed)
     result = eval_command(bench, generate_fn, out, **options)
     writer = SummaryWriter(out)
     try:
@@ -247,6 +190,4 @@ def run_eval(
             writer.add_scalar(f"eval/{bench}/{row['group']}/{row['metric']}", row["value"], global_step=0)
     finally:
         writer.close()
-    summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-    print(json.dumps({"bench": bench, "out": out, **summary}, indent=2, default=str))
     return result

@@ -1,8 +1,12 @@
 """Shared transformer building blocks for conditioners, refiners and the DiT.
 
 Every numeric hot spot goes through the :mod:`unifusion.kernels` op API
-(``rms_norm``, ``swiglu``, ``layerwise_attention``), so switching ``kernel_impl``
-to Triton changes the kernels without touching the modules.
+(``rms_norm``, ``swiglu``, ``layerwise_attention``, ``layer_pool``). Each module that
+calls an op carries its own ``kernel_impl`` (:class:`KernelImplMixin`; None = the
+process default :func:`unifusion.kernels.get_impl`) and passes it as ``impl=``:
+:func:`set_kernel_impl` / :func:`use_kernel_impl` switch a whole model part, so two
+models (or a model's training and sampling) can use different implementations in one
+process.
 
 Two attention flavours:
 
@@ -20,7 +24,9 @@ text-fusion block exactly (see :mod:`unifusion.conditioners.krea2`).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,7 @@ from unifusion import kernels
 
 __all__ = [
     "FeedForward",
+    "KernelImplMixin",
     "LayerwiseAttention",
     "LayerwiseAttentionBlock",
     "PerLayerRMSNorm",
@@ -40,9 +47,13 @@ __all__ = [
     "ffn_hidden_size",
     "gather_tokens",
     "key_padding_mask",
+    "pack_tokens",
     "resolve_layer_ids",
     "scatter_tokens",
+    "set_kernel_impl",
     "take_layers",
+    "unpack_tokens",
+    "use_kernel_impl",
 ]
 
 
@@ -52,7 +63,58 @@ def ffn_hidden_size(dim: int, mult: float, multiple_of: int = 1) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-class RMSNorm(nn.Module):
+class KernelImplMixin:
+    """Marks a module that calls :mod:`unifusion.kernels` ops with ``impl=self.kernel_impl``.
+
+    ``kernel_impl``: ``"torch" | "triton" | "auto"``, or None for the process default
+    (:func:`unifusion.kernels.get_impl`). Set it for a whole model part with
+    :func:`set_kernel_impl`; torch.compile guards on it (a change recompiles).
+    """
+
+    kernel_impl: str | None = None
+
+
+def _kernel_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, KernelImplMixin)]
+
+
+def _check_impl(impl: str | None) -> str | None:
+    if impl is not None and impl not in kernels.IMPLS:
+        raise ValueError(f"kernel_impl must be one of {kernels.IMPLS} or None, got {impl!r}")
+    return impl
+
+
+def set_kernel_impl(module: nn.Module, impl: str | None) -> None:
+    """Use kernel implementation ``impl`` in every submodule of ``module`` that calls a kernel op.
+
+    ``impl``: ``"torch" | "triton" | "auto"``, or None to follow the process default
+    (:func:`unifusion.kernels.get_impl`). Only ``module``'s own submodules change, so
+    another model in the same process keeps its choice.
+    """
+    _check_impl(impl)
+    for m in _kernel_modules(module):
+        m.kernel_impl = impl
+
+
+@contextlib.contextmanager
+def use_kernel_impl(module: nn.Module, impl: str | None) -> Iterator[nn.Module]:
+    """Temporarily :func:`set_kernel_impl` ``(module, impl)``; each submodule's own choice is restored on exit.
+
+    E.g. training with ``triton`` under the CPU interpreter but sampling previews with ``torch``.
+    """
+    _check_impl(impl)
+    mods = _kernel_modules(module)
+    saved = [m.kernel_impl for m in mods]
+    try:
+        for m in mods:
+            m.kernel_impl = impl
+        yield module
+    finally:
+        for m, old in zip(mods, saved):
+            m.kernel_impl = old
+
+
+class RMSNorm(KernelImplMixin, nn.Module):
     """RMSNorm over the last dim through :func:`unifusion.kernels.rms_norm` (fp32 statistics).
 
     ``elementwise_affine=False`` gives the parameter-free norm the DiT's adaLN modulates.
@@ -65,13 +127,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps, impl=self.kernel_impl)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, affine={self.weight is not None}"
 
 
-class PerLayerRMSNorm(nn.Module):
+class PerLayerRMSNorm(KernelImplMixin, nn.Module):
     """A separate RMSNorm (own scale) for each of ``n`` stacked encoder layers, input ``(..., n, H)``.
 
     Hidden states of different VLM depths have very different scales (and random tiny
@@ -85,11 +147,11 @@ class PerLayerRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_layers, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # statistics through the kernel (1-D weights only there), the per-layer scale by broadcast
-        return kernels.rms_norm(x, None, self.eps) * self.weight.to(x.dtype)
+        # the (n, H) per-layer scale is a trailing-shape weight: one fused op, no extra scaling pass
+        return kernels.rms_norm(x, self.weight, self.eps, impl=self.kernel_impl)
 
 
-class FeedForward(nn.Module):
+class FeedForward(KernelImplMixin, nn.Module):
     """SiLU feed-forward (paper App. A.1: SiLU, expand and contract by 1.3x).
 
     ``gated=True`` (default) is SwiGLU, ``down(silu(gate(x)) * up(x))`` through
@@ -115,7 +177,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is not None:
-            return self.down(kernels.swiglu(self.gate(x), self.up(x)))
+            return self.down(kernels.swiglu(self.gate(x), self.up(x), impl=self.kernel_impl))
         return self.down(F.silu(self.up(x)))
 
 
@@ -133,15 +195,41 @@ def key_padding_mask(mask: Tensor | None) -> Tensor | None:
     return safe[:, None, None, :]
 
 
+class _RoPE(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` in three passes, backward in three.
+
+    ``rotate_half(x) = cat(-x2, x1)`` equals ``roll(x, d/2) * [-1 ... +1]``, so with the sign
+    folded into ``sin`` the rotation is one ``roll`` (its own inverse for a half-split) and
+    one ``addcmul``; autograd through the composite records ~5 ops and replays ~7.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        xf = x.float()
+        out = torch.addcmul(xf * cos, xf.roll(half, dims=-1), sin_signed)
+        ctx.save_for_backward(cos, sin_signed)
+        ctx.half = half
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin_signed = ctx.saved_tensors
+        g = grad.float()
+        dx = torch.addcmul((g * sin_signed).roll(ctx.half, dims=-1), g, cos)
+        return dx.to(grad.dtype), None, None
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x (B, heads, L, d)`` by angles given as ``cos, sin (L, d)`` (half-split pairs).
 
     Dims ``j`` and ``j + d/2`` form a rotation pair; rows with ``cos=1, sin=0`` pass
-    unchanged (the DiT uses that for its conditioning prefix).
+    unchanged (the DiT uses that for its conditioning prefix). Math in fp32. Gradients flow
+    to ``x`` only (the angles are constants).
     """
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    half = x.shape[-1] // 2
+    sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).float()
+    return _RoPE.apply(x, cos.float(), sin_signed)
 
 
 def _expand_kv_heads(t: Tensor, groups: int) -> Tensor:
@@ -238,7 +326,7 @@ class SequenceAttention(_AttentionProjections):
         return self.output(out, x)
 
 
-class LayerwiseAttention(_AttentionProjections):
+class LayerwiseAttention(KernelImplMixin, _AttentionProjections):
     """Self-attention across the *layer* axis of ``(T, n, H)`` (one row per token; paper §2.1 LAP).
 
     Calls :func:`unifusion.kernels.layerwise_attention` on ``(T, heads, n, head_dim)``.
@@ -247,7 +335,7 @@ class LayerwiseAttention(_AttentionProjections):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(x)
         # the kernel takes strided (T, heads, n, d) views, so no copy is made here
-        return self.output(kernels.layerwise_attention(q, k, v), x)
+        return self.output(kernels.layerwise_attention(q, k, v, impl=self.kernel_impl), x)
 
 
 class _Block(nn.Module):
@@ -335,16 +423,53 @@ class LayerwiseAttentionBlock(_Block):
 
 
 def gather_tokens(x: Tensor, mask: Tensor) -> Tensor:
-    """``x (B, S, ...)`` -> ``(T, ...)`` of the tokens where ``mask (B, S)`` is True."""
+    """``x (B, S, ...)`` -> ``(T, ...)`` of the tokens where ``mask (B, S)`` is True.
+
+    ``T`` depends on the data (a boolean index): under torch.compile use :func:`pack_tokens`.
+    """
     return x[mask.bool()]
 
 
 def scatter_tokens(values: Tensor, mask: Tensor) -> Tensor:
-    """Inverse of :func:`gather_tokens`: ``(T, ...)`` -> ``(B, S, ...)`` with zeros on padding."""
+    """Inverse of :func:`gather_tokens`: ``(T, ...)`` -> ``(B, S, ...)`` with zeros on padding.
+
+    Written without a boolean index (``nonzero``): real token ``j`` in row-major order is
+    ``values[j]``, so every position reads ``values[cumsum(mask) - 1]`` and padding is
+    zeroed. Static shapes (torch.compile traces it without a graph break) and no
+    host-device sync on CUDA; the backward is an ``index_add`` into ``values``.
+    """
     mask = mask.bool()
-    out = values.new_zeros(*mask.shape, *values.shape[1:])
-    # index_put keeps autograd to ``values`` and writes nothing on padding
-    return out.index_put((mask,), values)
+    flat = mask.reshape(-1)
+    idx = (flat.cumsum(0) - 1).clamp_(min=0)
+    if values.shape[0] == 0:  # no real token anywhere: nothing to read
+        return values.new_zeros(*mask.shape, *values.shape[1:])
+    out = values.index_select(0, idx)
+    keep = flat.reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(keep, out, out.new_zeros(())).reshape(*mask.shape, *values.shape[1:])
+
+
+def pack_tokens(x: Tensor, mask: Tensor) -> Tensor:
+    """Rows for per-token work: ``x (B, S, ...)`` -> ``(T, ...)``; undo with :func:`unpack_tokens`.
+
+    Eager: the real tokens only (:func:`gather_tokens`), so padding costs no work. Under
+    torch.compile: all ``B·S`` tokens with padding zeroed (static shapes, no
+    data-dependent ``nonzero``); the real tokens' results are the same either way, as long
+    as the work between pack and unpack treats each row on its own.
+    """
+    mask = mask.bool()
+    if torch.compiler.is_compiling():
+        keep = mask.reshape(*mask.shape, *([1] * (x.dim() - mask.dim())))
+        return torch.where(keep, x, x.new_zeros(())).flatten(0, mask.dim() - 1)
+    return gather_tokens(x, mask)
+
+
+def unpack_tokens(values: Tensor, mask: Tensor) -> Tensor:
+    """Inverse of :func:`pack_tokens`: ``(T, ...)`` -> ``(B, S, ...)`` with zeros on padding."""
+    mask = mask.bool()
+    if torch.compiler.is_compiling():
+        keep = mask.reshape(-1, *([1] * (values.dim() - 1)))
+        return torch.where(keep, values, values.new_zeros(())).reshape(*mask.shape, *values.shape[1:])
+    return scatter_tokens(values, mask)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,31 +1,40 @@
-"""The LightningModule: frozen encoder -> conditioner -> refiner -> DiT, trained with rectified flow."""
+"""The LightningModule: a :class:`~unifusion.pipeline.UniFusionPipeline` plus what training adds.
+
+The pipeline (encoder -> conditioner -> refiner -> DiT, autoencoder, flow, sampling) owns
+inference; this module adds only training: the flow and auxiliary losses, classifier-free-
+guidance dropout, optimizer and schedule, EMA, non-finite-loss handling and checkpoint state.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-import unifusion.kernels as kernels
 from unifusion.alignment import AlignmentLosses
-from unifusion.autoencoders import Autoencoder, IdentityAutoencoder
+from unifusion.autoencoders import Autoencoder, LatentSpec
 from unifusion.conditioners.base import BackboneSpec, Conditioner, Conditioning
 from unifusion.ema import EMA
 from unifusion.encoders.base import Encoder, images_to_list
-from unifusion.features import EncoderFeatures, EncoderSpec, TokenRole
-from unifusion.flow import RectifiedFlow, guided_velocity, sample
+from unifusion.errors import CheckpointError
+from unifusion.features import EncoderFeatures, EncoderSpec
+from unifusion.flow import RectifiedFlow
+from unifusion.pipeline import COMPONENTS, IMAGE_ROLES, SamplingConfig, UniFusionPipeline, mask_features
 
 log = logging.getLogger(__name__)
 
-IMAGE_ROLES = (TokenRole.IMAGE_TILE, TokenRole.THUMBNAIL)
+#: timestep bins of the per-t flow loss that ``test`` reports (minRF-style)
+TEST_T_BINS = 10
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -33,117 +42,103 @@ def _default_optimizer(params) -> torch.optim.Optimizer:
 
 
 class UniFusionModel(pl.LightningModule):
-    """Text/image -> image generation conditioned on a frozen encoder (paper §2–4).
+    """Trains a :class:`UniFusionPipeline` with rectified flow (paper §2–4).
+
+    The first eight arguments build the pipeline (see :class:`UniFusionPipeline`; the YAML keys
+    are the same); the rest are training settings.
 
     Args:
-        encoder: the frozen encoder (e.g. :class:`unifusion.encoders.hf.HFEncoder`). Its
-            spec is read from the config; weights load only when features must be computed
-            live (never, when every batch carries cached ``features``).
-        backbone: the DiT.
-        conditioner: built as ``conditioner(encoder.spec, backbone.spec)`` so its sizes
-            follow both sides (YAML: ``class_path`` + hyper-parameters only).
-        refiner: built as ``refiner(backbone.spec.width)``; bidirectional blocks over the
-            conditioning sequence (paper §3.2); None disables it.
-        autoencoder: image <-> latent map; identity = pixel space.
-        flow: the rectified-flow objective and its timestep sampling.
+        encoder, backbone, conditioner, refiner, autoencoder, flow, sampling, kernel_impl:
+            the pipeline's parts; ``sampling`` (:class:`SamplingConfig`) sets the sample grids'
+            and the exported pipeline's defaults.
         optimizer, lr_scheduler: callables (YAML ``class_path``); the scheduler is stepped
-            every optimizer step.
+            every optimizer step. Adam/AdamW use the fused implementation where the device
+            supports it unless the config sets ``fused`` or ``foreach``.
         cond_dropout: probability of dropping the conditioning (classifier-free guidance);
             ``task_cond_dropout`` overrides it per task (``t2i``, ``recon``, ``edit``).
-        ema_decay: EMA of the trainable weights (0 = off); sampling uses the EMA weights.
-        sample_*: defaults for :meth:`generate`.
-        kernel_impl: ``torch | triton | auto`` for every kernel op in the model.
-        init_from: weights-only initialisation from a checkpoint (distinct from resuming);
-            ``init_prefixes`` limits it to some submodules (e.g. ``[backbone]`` for the
-            T5 -> VLM handoff). Missing and unexpected keys are reported.
+        ema_decay: EMA of the trainable weights (0 = off); sampling and export use the EMA weights.
+        init_from: weights-only initialisation from a checkpoint or an exported pipeline folder
+            (distinct from resuming); ``init_prefixes`` limits it to some parts (e.g.
+            ``[backbone]`` for the T5 -> VLM handoff). Loaded / fresh / ignored keys are reported.
         nonfinite_loss: ``raise`` stops with a message naming the step; ``skip`` skips the batch.
-        aux_losses: UniAlignment-style auxiliary objectives and their weights, e.g.
-            ``{contrastive: 0.05, repa: 0.1}`` (the paper's λ2, λ3); see :mod:`unifusion.alignment`.
-            ``repa`` encodes each target image with the live VLM (not with cached features).
-        aux_repa_layer: DiT block aligned by ``repa`` (default: the middle one).
-        aux_temperature: temperature of the contrastive loss.
+        aux_losses: UniAlignment-style auxiliary objectives, built with the specs like the
+            conditioner (``class_path: unifusion.alignment.AlignmentLosses`` +
+            ``init_args: {contrastive: 0.05, repa: 0.1}``); ``repa`` needs the live VLM.
+        compile: ``torch.compile`` the DiT in place (``module.compile()``, state-dict keys unchanged).
     """
 
     def __init__(
         self,
         encoder: Encoder,
-        backbone: nn.Module,
+        backbone: Callable[[LatentSpec], nn.Module],
         conditioner: Callable[[EncoderSpec, BackboneSpec], Conditioner],
         refiner: Callable[[int], nn.Module] | None = None,
         autoencoder: Autoencoder | None = None,
         flow: RectifiedFlow | None = None,
+        sampling: SamplingConfig | None = None,
+        kernel_impl: Literal["torch", "triton", "auto"] = "torch",
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         cond_dropout: float = 0.1,
         task_cond_dropout: dict[str, float] | None = None,
         ema_decay: float = 0.0,
-        sample_steps: int = 25,
-        sample_guidance: float = 4.0,
-        sample_image_guidance: float = 1.5,
-        sampler: Literal["euler", "heun"] = "euler",
-        sample_shift: float = 1.0,
-        kernel_impl: Literal["torch", "triton", "auto"] = "torch",
         init_from: str | None = None,
         init_prefixes: list[str] | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
-        aux_losses: dict[str, float] | None = None,
-        aux_repa_layer: int | None = None,
-        aux_temperature: float = 0.07,
+        aux_losses: Callable[[EncoderSpec, BackboneSpec], AlignmentLosses] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
-        # Under LightningCLI the given hparams are the full class-path config, which
-        # load_from_checkpoint needs whole; built in Python, module arguments are skipped.
-        under_cli = _given_hyperparameters.get() is not None
+        # Under LightningCLI the given hparams are the full class-path config (plain data), which
+        # load_from_checkpoint and `unifusion export` need; built in Python, modules are skipped.
         self.save_hyperparameters(
-            ignore=[] if under_cli else ["encoder", "backbone", "autoencoder", "conditioner", "refiner", "flow"]
+            ignore=[] if _under_cli() else ["encoder", "backbone", "autoencoder", "conditioner", "refiner", "flow"]
         )
-        kernels.set_impl(kernel_impl)
-        self.kernel_impl = kernel_impl
-        self.encoder = encoder
-        self.backbone = backbone
-        if not hasattr(backbone, "spec"):
-            raise TypeError(f"backbone {type(backbone).__name__} must expose .spec -> BackboneSpec")
-        self.conditioner = conditioner(encoder.spec, backbone.spec)
-        self.refiner = refiner(backbone.spec.width) if refiner is not None else None
-        self.alignment: AlignmentLosses | None = None
-        if aux_losses:
-            unknown = set(aux_losses) - {"contrastive", "repa"}
-            if unknown:
-                raise ValueError(f"aux_losses keys must be 'contrastive' and/or 'repa', got {sorted(unknown)}")
-            self.alignment = AlignmentLosses(
-                backbone.spec.width,
-                backbone.spec.depth,
-                encoder.spec.hidden_size,
-                contrastive=float(aux_losses.get("contrastive", 0.0)),
-                repa=float(aux_losses.get("repa", 0.0)),
-                repa_layer=aux_repa_layer,
-                temperature=aux_temperature,
-            )
-        self.autoencoder = autoencoder if autoencoder is not None else IdentityAutoencoder()
-        self.flow = flow if flow is not None else RectifiedFlow()
+        pipeline = UniFusionPipeline(
+            encoder=encoder,
+            backbone=backbone,
+            conditioner=conditioner,
+            refiner=refiner,
+            autoencoder=autoencoder,
+            flow=flow,
+            sampling=sampling,
+            kernel_impl=kernel_impl,
+        )
+        if _under_cli():
+            pipeline.component_config = {k: self.hparams.get(k) for k in COMPONENTS}
+        # the pipeline lives outside this module's tree; its parts are registered here under
+        # their own names, so checkpoint keys are `conditioner.*`, `backbone.*`, ... as before
+        object.__setattr__(self, "pipeline", pipeline)
+        self.encoder = pipeline.encoder
+        self.backbone = pipeline.backbone
+        self.conditioner = pipeline.conditioner
+        self.refiner = pipeline.refiner
+        self.autoencoder = pipeline.autoencoder
+        self.flow = pipeline.flow
+        self.alignment: AlignmentLosses | None = (
+            aux_losses(encoder.spec, pipeline.backbone.spec) if aux_losses is not None else None
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        if not 0.0 <= cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+        for name, p in {"cond_dropout": cond_dropout, **(task_cond_dropout or {})}.items():
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} dropout must be in [0, 1), got {p}")
         self.cond_dropout = cond_dropout
         self.task_cond_dropout = dict(task_cond_dropout or {})
-        self.sample_defaults = dict(
-            num_steps=sample_steps,
-            guidance=sample_guidance,
-            image_guidance=sample_image_guidance,
-            sampler=sampler,
-            shift=sample_shift,
-        )
         self.nonfinite_loss = nonfinite_loss
         self.ema_decay = ema_decay
         self.ema: EMA | None = EMA(self.trainable, ema_decay) if ema_decay > 0 else None
-        self.last_texts: list[str] | None = None
+        self.compile_backbone = compile
         self.init_report: dict[str, list[str]] | None = None
         self.skipped_nonfinite = 0
         if init_from:
             self.init_report = self.load_weights(init_from, init_prefixes)
 
     # ------------------------------------------------------------------ parts
+    @property
+    def sampling(self) -> SamplingConfig:
+        return self.pipeline.sampling
+
     @property
     def trainable(self) -> nn.ModuleDict:
         parts = {"conditioner": self.conditioner, "backbone": self.backbone}
@@ -155,10 +150,7 @@ class UniFusionModel(pl.LightningModule):
 
     def load_weights(self, path: str, prefixes: Sequence[str] | None = None) -> dict[str, list[str]]:
         """Weights-only initialisation; returns and logs which keys were loaded / left fresh / ignored."""
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"init_from: checkpoint {path!r} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt)
+        state = _weights_for_init(path)
         if prefixes:
             state = {k: v for k, v in state.items() if any(k.startswith(p + ".") for p in prefixes)}
         own = self.state_dict()
@@ -172,13 +164,14 @@ class UniFusionModel(pl.LightningModule):
             "unexpected": sorted(result.unexpected_keys),
             "shape_mismatch": sorted(shape_mismatch),
         }
-        msg = (
+        rank_zero_info(
             f"init_from {path}: loaded {len(report['loaded'])} tensors; initialised fresh: {len(report['fresh'])} "
             f"({_summarise(report['fresh'])}); unexpected (ignored): {len(report['unexpected'])} "
-            f"({_summarise(report['unexpected'])}); shape mismatch (fresh): {len(shape_mismatch)} ({_summarise(shape_mismatch)})"
+            f"({_summarise(report['unexpected'])}); shape mismatch (fresh): {len(shape_mismatch)} "
+            f"({_summarise(shape_mismatch)})"
         )
-        log.warning(msg)
-        print(msg)
+        if self.ema is not None:  # the average starts from the loaded weights, not the random init
+            self.ema = EMA(self.trainable, self.ema_decay)
         return report
 
     # ------------------------------------------------------------------ conditioning
@@ -195,10 +188,7 @@ class UniFusionModel(pl.LightningModule):
         return feats.to(self.device, dtype=self.dtype)
 
     def condition(self, features: EncoderFeatures) -> Conditioning:
-        cond = self.conditioner(features)
-        if self.refiner is not None and cond.tokens is not None:
-            cond.tokens = self.refiner(cond.tokens, cond.mask)
-        return cond
+        return self.pipeline.condition(features)
 
     @torch.no_grad()
     def target_embedding(self, batch: dict[str, Any]) -> Tensor:
@@ -224,11 +214,23 @@ class UniFusionModel(pl.LightningModule):
         if p <= 0:
             return features
         keep = torch.rand(features.batch_size, generator=generator, device="cpu") >= p
-        return _mask_features(features, keep.to(features.mask.device)[:, None])
+        return mask_features(features, keep.to(features.mask.device)[:, None])
 
     # ------------------------------------------------------------------ training
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.backbone(x, t, cond)
+
+    def on_fit_start(self) -> None:
+        if self.compile_backbone:
+            self.backbone.compile()
+        from unifusion.kernels.dispatch import interpreter_active
+
+        if self.pipeline.kernel_impl == "triton" and interpreter_active() and self.device.type == "cpu":
+            rank_zero_warn(
+                "kernel_impl=triton on CPU runs the Triton kernels under the interpreter (TRITON_INTERPRET=1): "
+                "it is for correctness checks only and ~100-1000x slower than kernel_impl=torch; sample grids "
+                "and evaluation use the PyTorch path"
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         task = _task(batch)
@@ -255,7 +257,8 @@ class UniFusionModel(pl.LightningModule):
                 )
             self.skipped_nonfinite += 1
             log.warning("skipping batch %d at step %d: non-finite loss", batch_idx, self.global_step)
-            return None
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=x0.shape[0])
+            return None  # Lightning skips the optimizer step for this batch
         bs = x0.shape[0]
         for name, value in aux.items():
             self.log(f"train/aux_{name}", value, batch_size=bs)
@@ -263,15 +266,40 @@ class UniFusionModel(pl.LightningModule):
         self.log(f"train/loss_{task}", loss, batch_size=bs)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def _fixed_t_loss(self, batch: dict[str, Any], batch_idx: int) -> tuple[Tensor, Tensor]:
+        """Per-sample flow loss at fixed noise and evenly spread t (comparable across runs)."""
         x0 = self.autoencoder.encode(batch["target"].to(self.device))
         cond = self.condition(self.features(batch))
         g = torch.Generator(device="cpu").manual_seed(batch_idx)
         noise = torch.randn(x0.shape, generator=g).to(x0)
-        t = torch.linspace(0.05, 0.95, x0.shape[0]).to(x0)  # fixed t: comparable across runs
-        loss = self.flow.loss(lambda x, tt: self.backbone(x, tt, cond), x0, noise=noise, t=t)
-        self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        t = torch.linspace(0.05, 0.95, x0.shape[0]).to(x0)
+        losses = self.flow.loss(lambda x, tt: self.backbone(x, tt, cond), x0, noise=noise, t=t, reduction="none")
+        return losses, t
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses, _ = self._fixed_t_loss(batch, batch_idx)
+        loss = losses.mean()
+        self.log("val/loss", loss, prog_bar=True, batch_size=losses.shape[0])
         return loss
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Flow loss on held-out data, overall and per timestep bin (minRF's per-t loss):
+        ``test/loss`` and ``test/loss_t{k}`` for t in ``[k/10, (k+1)/10)``, with the EMA weights."""
+        x0 = self.autoencoder.encode(batch["target"].to(self.device))
+        with self.ema_weights():
+            cond = self.condition(self.features(batch))
+            g = torch.Generator(device="cpu").manual_seed(batch_idx)
+            noise = torch.randn(x0.shape, generator=g).to(x0)
+            t = torch.rand(x0.shape[0], generator=g).to(x0)
+            losses = self.flow.loss(lambda x, tt: self.backbone(x, tt, cond), x0, noise=noise, t=t, reduction="none")
+        bs = x0.shape[0]
+        self.log("test/loss", losses.mean(), batch_size=bs)
+        bins = (t * TEST_T_BINS).long().clamp(max=TEST_T_BINS - 1)
+        for k in range(TEST_T_BINS):
+            sel = bins == k
+            if bool(sel.any()):
+                self.log(f"test/loss_t{k}", losses[sel].mean(), batch_size=int(sel.sum()))
+        return losses.mean()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -282,7 +310,7 @@ class UniFusionModel(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.trainable.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = _fused_if_supported(self.optimizer_factory(params), params)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -292,7 +320,7 @@ class UniFusionModel(pl.LightningModule):
         if self.ema is not None:
             checkpoint["ema_state_dict"] = self.ema.state_dict()
         checkpoint["encoder_metadata"] = self.encoder.cache_metadata()
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        checkpoint["rng_state"] = _rng_state_plain()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema_state_dict" in checkpoint:
@@ -301,104 +329,151 @@ class UniFusionModel(pl.LightningModule):
         rng = checkpoint.get("rng_state")
         trainer = self._trainer
         if rng and trainer is not None and trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
+            _restore_rng_state(rng)
+        if trainer is not None and trainer.state.fn == "fit":
+            # a periodic checkpoint saved on the epoch's last batch resumes as a clean new epoch
+            # (Lightning would continue the batch count and skip epoch bookkeeping; see unifusion.resume)
+            from unifusion.resume import normalize_epoch_end_checkpoint
+
+            normalize_epoch_end_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------ inference
     @contextlib.contextmanager
-    def ema_weights(self, use_ema: bool = True):
+    def ema_weights(self, use_ema: bool = True) -> Iterator[None]:
         if use_ema and self.ema is not None:
             with self.ema.swapped(self.trainable):
                 yield
         else:
             yield
 
-    def sample_settings(self, **overrides: Any) -> dict[str, Any]:
-        """The sampling settings :meth:`generate` uses: ``overrides`` that are not None, else the defaults."""
-        return {k: v if overrides.get(k) is None else overrides[k] for k, v in self.sample_defaults.items()}
-
     @torch.no_grad()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        images: Sequence[Sequence[Any]] | None = None,
-        *,
-        num_steps: int | None = None,
-        guidance: float | None = None,
-        image_guidance: float | None = None,
-        sampler: str | None = None,
-        shift: float | None = None,
-        seed: int = 0,
-        size: int | None = None,
-        features: EncoderFeatures | None = None,
-        encode_kwargs: dict[str, Any] | None = None,
-        use_ema: bool = True,
-    ) -> Tensor:
-        """Sample images ``(B, 3, H, W)`` in [0, 1] for prompts (and reference images).
+    def generate(self, prompts: Sequence[str], images: Any = None, use_ema: bool = True, **kwargs: Any) -> Tensor:
+        """Sample ``(B, 3, H, W)`` in [0, 1] with the EMA weights (sample grids, analyses during training).
 
-        With reference images and ``image_guidance`` != 1, three-way guidance is used
-        (unconditional / images only / images + text).
+        Under the Triton interpreter on CPU sampling uses the PyTorch kernels (same numbers, far faster).
         """
-        settings = self.sample_settings(
-            num_steps=num_steps, guidance=guidance, image_guidance=image_guidance, sampler=sampler, shift=shift
-        )
-        num_steps, guidance, image_guidance = settings["num_steps"], settings["guidance"], settings["image_guidance"]
-        sampler, shift = settings["sampler"], settings["shift"]
-        was_training = self.training
-        self.eval()
-        try:
-            if features is None:
-                imgs = images_to_list(images, len(prompts))
-                task = "edit" if any(imgs) and any(p for p in prompts) else ("recon" if any(imgs) else "t2i")
-                features = self.encoder.encode(list(prompts), imgs, task=task, **(encode_kwargs or {}))
-            features = features.to(self.device, dtype=self.dtype)
-            self.last_texts = features.texts
-            b = features.batch_size
-            with self.ema_weights(use_ema):
-                cond = self.condition(features)
-                uncond = self.condition(
-                    _mask_features(features, torch.zeros(b, 1, dtype=torch.bool, device=self.device))
-                )
-                only_images = features.role_mask(IMAGE_ROLES)
-                image_cond = None
-                if bool(only_images.any()) and image_guidance != 1.0:
-                    image_cond = self.condition(_mask_features(features, only_images))
-                velocity = guided_velocity(
-                    lambda x, t: self.backbone(x, t, cond),
-                    lambda x, t: self.backbone(x, t, uncond),
-                    guidance,
-                    image_cond=(lambda x, t: self.backbone(x, t, image_cond)) if image_cond is not None else None,
-                    image_scale=image_guidance,
-                )
-                c, h, w = self.latent_shape(size)
-                g = torch.Generator(device="cpu").manual_seed(seed)
-                noise = torch.randn((b, c, h, w), generator=g).to(self.device)
-                latents = sample(velocity, noise, num_steps=num_steps, sampler=sampler, shift=shift)
-                out = self.autoencoder.decode(latents)
-        finally:
-            self.train(was_training)
-        return ((out.float() + 1) / 2).clamp(0, 1)
+        from unifusion.kernels.dispatch import interpreter_active
 
-    def latent_shape(self, size: int | None = None) -> tuple[int, int, int]:
-        comp = getattr(self.autoencoder, "compression", 1)
-        native = getattr(self.backbone, "input_size", None)
-        side = (size // comp) if size else native
-        if side is None:
-            raise ValueError("pass size= to generate: the backbone does not declare input_size")
-        return (self.autoencoder.latent_channels, side, side)
+        impl = "torch" if (interpreter_active() and self.device.type == "cpu") else self.pipeline.kernel_impl
+        with self.ema_weights(use_ema), self.pipeline.use_kernel_impl(impl):
+            return self.pipeline.generate(prompts, images, output_type="pt", **kwargs).images
+
+    def export_pipeline(self, out: str, use_ema: bool = True, include_encoder: bool = False) -> str:
+        """Save the pipeline with the current (EMA) weights as a ``from_pretrained`` folder."""
+        trainer = self._trainer
+        self.pipeline.provenance = {
+            "weights": "ema" if (use_ema and self.ema is not None) else "raw",
+            "global_step": int(self.global_step),
+            "config": _plain_hparams(self.hparams),
+        }
+        if trainer is not None:
+            self.pipeline.provenance["epoch"] = int(trainer.current_epoch)
+        with self.ema_weights(use_ema):
+            self.pipeline.save_pretrained(out, include_encoder=include_encoder)
+        return out
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         opts = dict(batch.get("options") or {})
         seeds = batch.get("seed")
-        seed = int(seeds[0]) if seeds is not None else batch_idx
-        images = self.generate(batch["prompt"], batch.get("images"), seed=seed, **opts)
+        seed = [int(s) for s in seeds] if seeds is not None else batch_idx
+        with self.ema_weights():
+            out = self.pipeline.generate(batch["prompt"], batch.get("images"), seed=seed, output_type="pt", **opts)
         return {
-            "images": images.cpu(),
+            "images": out.images.cpu(),
             "prompt": list(batch["prompt"]),
             "key": batch.get("key"),
-            "texts": self.last_texts,
+            "texts": out.texts,
             "seed": seed,
-            "options": opts,
+            "options": {**asdict(out.settings), **opts},
         }
+
+
+def _under_cli() -> bool:
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    return _given_hyperparameters.get() is not None
+
+
+def _plain_hparams(hparams: Any) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps({k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}, default=str))
+
+
+def _fused_if_supported(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> torch.optim.Optimizer:
+    """Rebuild Adam/AdamW with ``fused=True`` when the config left the choice open and every
+    parameter is on a device with a fused kernel (CPU and CUDA): ~3.5x faster steps for many
+    small tensors."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not params:
+        return optimizer
+    d = optimizer.defaults
+    if d.get("fused") is not None or d.get("foreach") is not None or d.get("differentiable") or d.get("capturable"):
+        return optimizer
+    if not all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    ):
+        return optimizer
+    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
+    defaults = {k: v for k, v in d.items() if k not in ("fused", "foreach")}
+    try:
+        return type(optimizer)(groups, **defaults, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # fused unsupported for this build/device
+        return optimizer
+
+
+def _rng_state_plain() -> dict[str, Any]:
+    """Lightning's RNG collection (torch CPU, CUDA, numpy, python) as plain data for weights_only loading."""
+    states = _collect_rng_states(include_cuda=True)
+    out: dict[str, Any] = {"torch": states["torch"]}
+    if "torch.cuda" in states:
+        out["torch.cuda"] = list(states["torch.cuda"])
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        out["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        out["python"] = [int(version), list(internal), gauss]
+    return out
+
+
+def _restore_rng_state(rng: dict[str, Any]) -> None:
+    import numpy as np
+
+    states: dict[str, Any] = {"torch": rng["torch"]}
+    if "torch.cuda" in rng and torch.cuda.is_available():
+        states["torch.cuda"] = rng["torch.cuda"]
+    if "numpy" in rng:
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        states["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+    if "python" in rng:
+        version, internal, gauss = rng["python"]
+        states["python"] = (int(version), tuple(int(x) for x in internal), gauss)
+    _set_rng_states(states)
+
+
+def _weights_for_init(path: str) -> dict[str, Tensor]:
+    """A training checkpoint's ``state_dict`` or an exported pipeline folder's weights, prefixed
+    by part (``backbone.*``, ...), loaded without unpickling."""
+    if os.path.isdir(path):
+        from safetensors.torch import load_file
+
+        from unifusion.pipeline import WEIGHT_PARTS, WEIGHTS_FILE
+
+        state: dict[str, Tensor] = {}
+        for part in WEIGHT_PARTS:
+            f = os.path.join(path, part, WEIGHTS_FILE)
+            if os.path.exists(f):
+                state.update({f"{part}.{k}": v for k, v in load_file(f).items()})
+        if not state:
+            raise CheckpointError(f"init_from: {path!r} is a directory without pipeline weights (*/{WEIGHTS_FILE})")
+        return state
+    from unifusion.checkpoints import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path, what="init_from checkpoint")
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"init_from: {path!r} holds no state_dict of tensors")
+    return dict(state)
 
 
 def _task(batch: dict[str, Any]) -> str:
@@ -408,14 +483,6 @@ def _task(batch: dict[str, Any]) -> str:
             raise ValueError(f"a batch must not mix tasks, got {sorted(set(task))}")
         task = task[0]
     return str(task)
-
-
-def _mask_features(features: EncoderFeatures, keep: Tensor) -> EncoderFeatures:
-    """AND the padding mask with ``keep`` ((B, 1) or (B, S)); masked tokens become padding."""
-    mask = features.mask & keep
-    hidden = features.hidden * mask[:, :, None, None].to(features.hidden.dtype)
-    roles = torch.where(mask, features.roles, torch.zeros_like(features.roles))
-    return EncoderFeatures(hidden=hidden, mask=mask, roles=roles, layer_ids=features.layer_ids, texts=features.texts)
 
 
 def _summarise(keys: Sequence[str], limit: int = 4) -> str:

@@ -80,7 +80,7 @@ def profile_training(
     Checkpoints and scalars of the short run go to ``out_dir/lightning`` (no validation).
     """
     from unifusion import kernels
-    from unifusion.cli import UniFusionCLI
+    from unifusion.lightning_cli import UniFusionCLI
 
     if steps < 1:
         raise ValueError(f"profile_training needs steps >= 1, got {steps}")

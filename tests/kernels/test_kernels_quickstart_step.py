@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
-import unifusion.kernels as kernels
+
+from unifusion.layers import KernelImplMixin, set_kernel_impl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(ROOT, "experiments", "quickstart.yaml")
@@ -31,17 +32,15 @@ def test_quickstart_step_same_loss_and_grads_with_triton(tmp_path, monkeypatch):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     results = {}
-    try:
-        for impl in ("torch", "triton"):
-            kernels.set_impl(impl)
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(0)
-            loss = model.training_step(batch, 0)
-            loss.backward()
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-            results[impl] = (loss.detach(), grads)
-    finally:
-        kernels.set_impl("torch")
+    for impl in ("torch", "triton"):
+        set_kernel_impl(model, impl)  # every kernel-calling module of this model, not a process global
+        assert {m.kernel_impl for m in model.modules() if isinstance(m, KernelImplMixin)} == {impl}
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (loss.detach(), grads)
     (l_t, g_t), (l_x, g_x) = results["torch"], results["triton"]
     torch.testing.assert_close(l_x, l_t, rtol=1e-4, atol=1e-5)
     assert g_t.keys() == g_x.keys() and any(k.startswith("conditioner.") for k in g_t)

@@ -61,3 +61,35 @@ def test_zero_rows(device):
 def test_weight_shape_error():
     with pytest.raises(ValueError, match="weight must have shape"):
         rms_norm(torch.zeros(2, 8), torch.ones(4), impl="torch")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("weight_shape", [(48,), (4, 48), None])
+def test_torch_path_and_per_layer_weights_match_reference(impl, weight_shape, dtype, device, check):
+    # impl="torch" has its own backward; a trailing-shape weight (n, H) scales each layer separately
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 4, 48, generator=g) * 3).to(device, dtype)
+    x = x.transpose(0, 1).requires_grad_()  # non-contiguous rows
+    w = None
+    if weight_shape is not None:
+        w = (1 + 0.5 * torch.randn(weight_shape, generator=g)).to(device, dtype).requires_grad_()
+    if w is not None and w.dim() == 2:
+        x = x.transpose(0, 1).detach().requires_grad_()  # (3, 4, 48): the (4, 48) weight matches the last dims
+    dy = torch.randn(x.shape, generator=g).to(device, dtype)
+
+    def ref(a, b):
+        if b is not None and b.dim() == 2:
+            return rms_norm_reference(a, None, 1e-6) * b
+        return rms_norm_reference(a, b, 1e-6)
+
+    y, grads = _grads(lambda a, b: rms_norm(a, b, 1e-6, impl=impl), x, w, dy)
+    y_ref, grads_ref = _grads(ref, x, w, dy)
+    check(y, y_ref, dtype, "out")
+    for name, a, b in zip(("dx", "dweight"), grads, grads_ref):
+        check(a, b, dtype, name)
+
+
+def test_trailing_weight_shape_error():
+    with pytest.raises(ValueError, match="trailing shape"):
+        rms_norm(torch.zeros(2, 3, 8), torch.ones(2, 8), impl="torch")

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from unifusion.autoencoders import LatentSpec
 from unifusion.conditioners.base import BackboneSpec, Conditioning
 from unifusion.layers import FeedForward, RMSNorm, SequenceAttention
 
@@ -45,9 +46,49 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(width=128, depth=4, num_heads=4),
     "small": dict(width=384, depth=12, num_heads=6),
     "base": dict(width=768, depth=12, num_heads=12),
-    "5b": dict(width=4096, depth=32, num_heads=32, mlp_ratio=1.75, adaln="shared", input_size=64, in_channels=16),
-    "8b": dict(width=4096, depth=51, num_heads=32, mlp_ratio=1.75, adaln="shared", input_size=64, in_channels=16),
+    "5b": dict(width=4096, depth=32, num_heads=32, mlp_ratio=1.75, adaln="shared", input_size=64),
+    "8b": dict(width=4096, depth=51, num_heads=32, mlp_ratio=1.75, adaln="shared", input_size=64),
 }
+
+
+_DIT_DEFAULTS: dict[str, Any] = dict(width=128, depth=4, num_heads=4, mlp_ratio=8 / 3, adaln="block", input_size=16)
+
+
+def _preset(name: str | None) -> dict[str, Any]:
+    if name is None:
+        return {}
+    key = name.lower()
+    if key not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; choose one of {list(DIT_PRESETS)}")
+    return DIT_PRESETS[key]
+
+
+def _resolve_channels(latent: LatentSpec | None, in_channels: int | None) -> int:
+    if latent is None:
+        return 3 if in_channels is None else int(in_channels)
+    if in_channels is not None and int(in_channels) != latent.channels:
+        raise ValueError(
+            f"DiT in_channels={in_channels} but the autoencoder's latents have {latent.channels} channels; "
+            f"drop backbone.init_args.in_channels (the DiT follows the autoencoder)"
+        )
+    return latent.channels
+
+
+def _resolve_input_size(latent: LatentSpec | None, input_size: int | None, image_size: int | None, default: int) -> int:
+    compression = latent.compression if latent is not None else 1
+    if image_size is not None:
+        if image_size % compression:
+            raise ValueError(
+                f"DiT image_size={image_size} is not divisible by the autoencoder's compression {compression}"
+            )
+        side = image_size // compression
+        if input_size is not None and int(input_size) != side:
+            raise ValueError(
+                f"DiT input_size={input_size} disagrees with image_size={image_size} / compression {compression} = "
+                f"{side}; give only image_size"
+            )
+        return side
+    return int(input_size) if input_size is not None else int(default)
 
 
 def rope_2d(
@@ -144,9 +185,19 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Single-stream DiT: ``forward(x (B,C,H,W), t (B,) in [0,1], cond) -> velocity (B,C,H,W)``.
 
+    In a model the DiT is built as ``DiT(autoencoder.spec, **init_args)`` (YAML: ``class_path``
+    + hyper-parameters), so its input channels and size follow the autoencoder's latents the
+    way a conditioner follows the encoder; sizes given by hand are checked against them.
+
     Args:
-        in_channels: latent (or pixel) channels C.
-        input_size: nominal latent side; any multiple of ``patch_size`` works at forward.
+        latent: the autoencoder's :class:`~unifusion.autoencoders.LatentSpec` (channels,
+            compression); None = pixel space with ``in_channels`` (default 3).
+        preset: a named size from :data:`DIT_PRESETS` (``tiny`` ... ``8b``); explicit
+            arguments override its values.
+        in_channels: latent (or pixel) channels C; must equal ``latent.channels`` if both given.
+        input_size: nominal latent side (sampling size); any multiple of ``patch_size`` works at
+            forward. Prefer ``image_size``, which follows the autoencoder's compression.
+        image_size: nominal image side in pixels; ``input_size = image_size / compression``.
         patch_size: patchify factor (paper: 2).
         width: hidden size D.
         depth: number of blocks.
@@ -160,18 +211,27 @@ class DiT(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        input_size: int = 16,
+        latent: LatentSpec | None = None,
+        preset: str | None = None,
+        in_channels: int | None = None,
+        input_size: int | None = None,
+        image_size: int | None = None,
         patch_size: int = 2,
-        width: int = 128,
-        depth: int = 4,
-        num_heads: int = 4,
-        mlp_ratio: float = 8 / 3,
+        width: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float | None = None,
         qk_norm: bool = True,
-        adaln: Literal["block", "shared"] = "block",
+        adaln: Literal["block", "shared"] | None = None,
         rope_theta: float = 10000.0,
     ) -> None:
         super().__init__()
+        given = dict(width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, adaln=adaln)
+        sizes = {**_DIT_DEFAULTS, **_preset(preset), **{k: v for k, v in given.items() if v is not None}}
+        width, depth, num_heads = int(sizes["width"]), int(sizes["depth"]), int(sizes["num_heads"])
+        mlp_ratio, adaln = float(sizes["mlp_ratio"]), sizes["adaln"]
+        in_channels = _resolve_channels(latent, in_channels)
+        input_size = _resolve_input_size(latent, input_size, image_size, sizes.get("input_size", 16))
         if width % num_heads != 0:
             raise ValueError(f"DiT width {width} is not divisible by num_heads={num_heads}")
         if (width // num_heads) % 4 != 0:
@@ -196,10 +256,7 @@ class DiT(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DiT:
         """Build a named size (:data:`DIT_PRESETS`: tiny, small, base, 5b, 8b) with overrides."""
-        key = name.lower()
-        if key not in DIT_PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; choose one of {list(DIT_PRESETS)}")
-        return cls(**{**DIT_PRESETS[key], **overrides})
+        return cls(preset=name, **overrides)
 
     def initialize_weights(self) -> None:
         """DiT init: xavier linears, zero biases; zero adaLN and output layer (adaLN-Zero)."""
@@ -276,7 +333,8 @@ class DiT(nn.Module):
             use_null = first & empty[:, None]
             tokens = torch.where(use_null[..., None], null, cond.tokens.to(dtype))
             return tokens, cond_mask | use_null
-        if not bool(empty.any()):
+        # (torch.compile: no data-dependent prefix length; always the one-token prefix, masked where unused)
+        if not torch.compiler.is_compiling() and not bool(empty.any()):
             return None, cond_mask.new_zeros(b, 0)
         # KV-only conditioning: a one-token prefix, real only for the empty samples
         return null.expand(b, 1, -1) * empty[:, None, None].to(dtype), empty[:, None]
@@ -318,8 +376,12 @@ class DiT(nn.Module):
         prefix_len = 0 if tokens is None else tokens.shape[1]
         if prefix_len:
             seq = torch.cat([tokens, img], dim=1)
-            # the mask only matters when some prefix token is padding (skip it for SDPA's fast path)
-            mask = None if bool(token_mask.all()) else torch.cat([token_mask, token_mask.new_ones(b, gh * gw)], dim=1)
+            # the mask only matters when some prefix token is padding (skip it for SDPA's fast path);
+            # under torch.compile always pass it: a data-dependent branch would break the graph
+            if not torch.compiler.is_compiling() and bool(token_mask.all()):
+                mask = None
+            else:
+                mask = torch.cat([token_mask, token_mask.new_ones(b, gh * gw)], dim=1)
         else:
             seq, mask = img, None
         rope = rope_2d(prefix_len, gh, gw, self.width // self.num_heads, self.rope_theta, device=x.device)

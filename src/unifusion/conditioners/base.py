@@ -17,12 +17,11 @@ and checks there, once, that the two sides fit, with an error naming both.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from unifusion.features import DEFAULT_ROLES, EncoderFeatures, EncoderSpec, TokenRole
+from unifusion.features import EncoderFeatures, EncoderSpec
 
 
 @dataclass(frozen=True)
@@ -70,22 +69,19 @@ class Conditioning:
 class Conditioner(nn.Module):
     """Base class: ``EncoderFeatures -> Conditioning``.
 
-    Subclasses call ``super().__init__(encoder, backbone, roles=...)``, declare their
-    needs by overriding :meth:`check_compatible` (raise ``ValueError`` naming both sides),
-    and implement :meth:`condition`.
+    Subclasses call ``super().__init__(encoder, backbone)``, declare their needs by
+    overriding :meth:`check_compatible` (raise ``ValueError`` naming both sides), and
+    implement :meth:`condition`.
+
+    A conditioner consumes every real token it is given: which tokens those are (the
+    paper's default: user content + image tokens) is the encoder's ``roles`` option, so
+    training, the feature cache and sampling condition on the same tokens.
     """
 
-    #: Which absolute encoder layers this conditioner reads; None = all taps.
-    def __init__(
-        self,
-        encoder: EncoderSpec,
-        backbone: BackboneSpec,
-        roles: Sequence[str] | None = None,
-    ) -> None:
+    def __init__(self, encoder: EncoderSpec, backbone: BackboneSpec) -> None:
         super().__init__()
         self.encoder_spec = encoder
         self.backbone_spec = backbone
-        self.roles: tuple[TokenRole, ...] | None = TokenRole.parse(roles) if roles is not None else None
         self.check_compatible(encoder, backbone)
 
     def check_compatible(self, encoder: EncoderSpec, backbone: BackboneSpec) -> None:
@@ -101,10 +97,4 @@ class Conditioner(nn.Module):
                 f"{type(self).__name__} was built for encoder hidden size {self.encoder_spec.hidden_size}, "
                 f"got features with hidden size {features.hidden_size}"
             )
-        if self.roles is not None:
-            features = features.select_roles(self.roles)
         return self.condition(features)
-
-    @property
-    def default_roles(self) -> tuple[TokenRole, ...]:
-        return DEFAULT_ROLES

@@ -20,8 +20,6 @@ pick ``layers: [0, ..., L-1]``, or make the DiT ``L+1`` blocks deep.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
@@ -44,7 +42,6 @@ class HiddenStateInjection(Conditioner):
         gate: learned per-layer scalar gate on the residuals.
         gate_init: initial gate value (0 makes the DiT start unconditioned by the injections,
             but then the projections receive no gradient until the gates move).
-        roles: token roles to keep (None = all real tokens).
     """
 
     def __init__(
@@ -56,11 +53,10 @@ class HiddenStateInjection(Conditioner):
         norm: bool = True,
         gate: bool = False,
         gate_init: float = 1.0,
-        roles: Sequence[str] | None = None,
     ) -> None:
         self.layer_ids = resolve_layer_ids(encoder.layer_ids, layers, "HiddenStateInjection")
         self.project = (encoder.hidden_size != backbone.width) if project is None else bool(project)
-        super().__init__(encoder, backbone, roles=roles)
+        super().__init__(encoder, backbone)
         n, h, d = len(self.layer_ids), encoder.hidden_size, backbone.width
         self.norm = PerLayerRMSNorm(n, h) if norm else None
         self.proj = nn.ModuleList(nn.Linear(h, d) for _ in range(n)) if self.project else None

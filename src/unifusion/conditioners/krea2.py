@@ -23,7 +23,7 @@ converter adds the 1), and we compute the layerwise stage only on real tokens.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +33,14 @@ from unifusion import kernels
 from unifusion.conditioners.base import BackboneSpec, Conditioner, Conditioning
 from unifusion.features import EncoderFeatures, EncoderSpec
 from unifusion.layers import (
+    KernelImplMixin,
     LayerwiseAttentionBlock,
     RMSNorm,
     ffn_hidden_size,
-    gather_tokens,
+    pack_tokens,
     resolve_layer_ids,
-    scatter_tokens,
     take_layers,
+    unpack_tokens,
 )
 from unifusion.refiners import Refiner
 
@@ -62,7 +63,7 @@ class Krea2TextProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(self.norm(x)), approximate="tanh"))
 
 
-class Krea2LayerwisePooling(Conditioner):
+class Krea2LayerwisePooling(KernelImplMixin, Conditioner):
     """Krea-2 text fusion (layerwise blocks, Linear(n, 1), sequence refiner) + ``txt_in``.
 
     Args:
@@ -76,7 +77,6 @@ class Krea2LayerwisePooling(Conditioner):
         eps: RMSNorm epsilon (Krea-2: 1e-5).
         text_projection: apply Krea-2's ``txt_in`` to reach the DiT width; False needs H == D.
         layers: absolute encoder layer ids (None = every tap).
-        roles: token roles to keep (None = all real tokens).
     """
 
     def __init__(
@@ -91,12 +91,11 @@ class Krea2LayerwisePooling(Conditioner):
         eps: float = 1e-5,
         text_projection: bool = True,
         layers: list[int] | None = None,
-        roles: Sequence[str] | None = None,
     ) -> None:
         self.layer_ids = resolve_layer_ids(encoder.layer_ids, layers, "Krea2LayerwisePooling")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads or num_heads
         self.text_projection = text_projection
-        super().__init__(encoder, backbone, roles=roles)
+        super().__init__(encoder, backbone)
         h, n = encoder.hidden_size, len(self.layer_ids)
         ffn = intermediate_size or ffn_hidden_size(h, KREA2_FFN_RATIO)
         block_kw = dict(
@@ -135,12 +134,12 @@ class Krea2LayerwisePooling(Conditioner):
 
     def fuse(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Krea-2 ``text_fusion``: ``(B, S, n, H)`` -> ``(B, S, H)``, zeros on padding."""
-        x = gather_tokens(hidden, mask)  # real tokens only; the layer axis needs no mask
+        x = pack_tokens(hidden, mask)  # real tokens only; the layer axis needs no mask
         for block in self.layerwise_blocks:
             x = block(x)
         # Linear(n, 1) over the layer axis, as the fused kernel (no permuted copy)
-        pooled = kernels.layer_pool(x, self.projector.weight[0].to(x.dtype))  # (T, H)
-        return self.refiner(scatter_tokens(pooled, mask), mask)
+        pooled = kernels.layer_pool(x, self.projector.weight[0].to(x.dtype), impl=self.kernel_impl)  # (T, H)
+        return self.refiner(unpack_tokens(pooled, mask), mask)
 
     def condition(self, features: EncoderFeatures) -> Conditioning:
         hidden = take_layers(features.hidden, features.layer_ids, self.layer_ids)
@@ -188,3 +187,56 @@ def load_krea2_weights(module: Krea2LayerwisePooling, state_dict: Mapping[str, T
     if module.txt_in is None:
         converted = {k: v for k, v in converted.items() if not k.startswith("txt_in.")}
     module.load_state_dict(converted, strict=strict)
+
+
+def read_krea2_weights(src: str) -> dict[str, Tensor]:
+    """Read diffusers Krea-2 weights from ``src`` without unpickling code: a ``.safetensors``
+    file, a diffusers model folder (``diffusion_pytorch_model*.safetensors``, sharded or not) or a
+    ``.bin``/``.pt`` file (``torch.load(weights_only=True)``)."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    from unifusion.checkpoints import load_checkpoint_file
+    from unifusion.errors import CheckpointError
+
+    if os.path.isdir(src):
+        files = sorted(glob.glob(os.path.join(src, "**", "*.safetensors"), recursive=True))
+        if not files:
+            raise CheckpointError(f"Krea-2 weights: no *.safetensors files under {src!r}")
+    elif src.endswith(".safetensors"):
+        files = [src]
+    else:
+        state = load_checkpoint_file(src, what="Krea-2 weights")
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"Krea-2 weights {src!r} hold no state dict of tensors")
+        return dict(state)
+    out: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(f))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"Krea-2 weights {f!r} are not a readable safetensors file ({e})") from None
+    return out
+
+
+def convert_krea2_file(src: str, out_dir: str, conditioner_config: dict | None = None) -> str:
+    """Convert diffusers Krea-2 text-fusion weights into a pipeline-folder part
+    (``OUT/conditioner/model.safetensors`` + ``config.json``) that loads through the same path as
+    an exported pipeline: ``--model.init_from=OUT --model.init_prefixes=[conditioner]`` with the
+    ``experiments/conditioners/krea2.yaml`` overlay."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    converted = convert_krea2_state_dict(read_krea2_weights(src))
+    part = os.path.join(out_dir, "conditioner")
+    os.makedirs(part, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in converted.items()}, os.path.join(part, "model.safetensors"))
+    config = conditioner_config or {"class_path": "unifusion.conditioners.Krea2LayerwisePooling", "init_args": {}}
+    with open(os.path.join(part, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({**config, "converted_from": os.path.abspath(src)}, f, indent=2)
+    return out_dir

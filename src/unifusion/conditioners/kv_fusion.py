@@ -22,8 +22,6 @@ the *input* of VLM block ``i``, from which the VLM computes its own K/V at that 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
@@ -44,7 +42,6 @@ class KVFusion(Conditioner):
             state as K and V (needs H == D and matching heads).
         layers: absolute encoder layer ids, one per DiT layer (None = every tap).
         key_norm: per-layer RMSNorm on the encoder keys (per head), matching the DiT's QK-norm.
-        roles: token roles to keep (None = all real tokens).
     """
 
     def __init__(
@@ -54,11 +51,10 @@ class KVFusion(Conditioner):
         project: bool = False,
         layers: list[int] | None = None,
         key_norm: bool = True,
-        roles: Sequence[str] | None = None,
     ) -> None:
         self.project = project
         self.layer_ids = resolve_layer_ids(encoder.layer_ids, layers, "KVFusion")
-        super().__init__(encoder, backbone, roles=roles)
+        super().__init__(encoder, backbone)
         heads, head_dim = backbone.num_heads, backbone.head_dim
         self.num_heads, self.head_dim = heads, head_dim
         depth = backbone.depth

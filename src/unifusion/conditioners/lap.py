@@ -12,7 +12,9 @@ tokens, LAP ``k`` is added after DiT block ``k-1`` (same convention as
 :mod:`unifusion.conditioners.hsi`).
 
 Only real tokens are computed: the mask's True tokens are gathered to ``(T, n, H)``,
-pooled, and scattered back, so padding neither costs work nor changes any output.
+pooled, and scattered back, so padding neither costs work nor changes any output
+(under torch.compile every token is computed, padding zeroed, for static shapes; see
+:func:`unifusion.layers.pack_tokens`).
 
 Analysis hooks: :meth:`LayerwiseAttentionPooling.pooling_weights` returns the pooling
 layer's weights for layer-weight maps (Fig. 8, 11); :attr:`layer_dropout` zeroes chosen
@@ -30,13 +32,14 @@ from unifusion import kernels
 from unifusion.conditioners.base import BackboneSpec, Conditioner, Conditioning
 from unifusion.features import EncoderFeatures, EncoderSpec
 from unifusion.layers import (
+    KernelImplMixin,
     LayerwiseAttentionBlock,
     PerLayerRMSNorm,
     RMSNorm,
-    gather_tokens,
+    pack_tokens,
     resolve_layer_ids,
-    scatter_tokens,
     take_layers,
+    unpack_tokens,
 )
 
 __all__ = ["LayerwiseAttentionPooling", "LayerwisePool"]
@@ -46,7 +49,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-class LayerwisePool(nn.Module):
+class LayerwisePool(KernelImplMixin, nn.Module):
     """One LAP: optional per-layer norm -> layerwise blocks -> Linear(n -> 1) -> optional out norm -> Linear(H -> D).
 
     Operates on gathered real tokens ``(T, n, H)`` and returns ``(T, D)``.
@@ -89,7 +92,7 @@ class LayerwisePool(nn.Module):
         if keep is not None:
             w = w * keep.to(w.dtype)
         # fused weighted sum over the layer axis (no permuted copy of the stack)
-        y = kernels.layer_pool(x, w.to(x.dtype))
+        y = kernels.layer_pool(x, w.to(x.dtype), impl=self.kernel_impl)
         if self.output_norm is not None:
             y = self.output_norm(y)
         return self.proj(y) if self.proj is not None else y
@@ -115,7 +118,6 @@ class LayerwiseAttentionPooling(Conditioner):
         layers: absolute encoder layer ids to pool (None = every tap; paper: every 3rd).
         layer_dropout: absolute layer ids whose pooling weights are zeroed (Fig. 12);
             a runtime knob, also settable as the ``layer_dropout`` attribute.
-        roles: token roles to keep (None = all real tokens).
     """
 
     def __init__(
@@ -133,12 +135,11 @@ class LayerwiseAttentionPooling(Conditioner):
         per_layer: bool = False,
         layers: list[int] | None = None,
         layer_dropout: list[int] | None = None,
-        roles: Sequence[str] | None = None,
     ) -> None:
         self.layer_ids = resolve_layer_ids(encoder.layer_ids, layers, "LayerwiseAttentionPooling")
         self.num_heads = num_heads
         self.project = project
-        super().__init__(encoder, backbone, roles=roles)
+        super().__init__(encoder, backbone)
         self.per_layer = per_layer
         n_pools = backbone.depth if per_layer else 1
         self.pools = nn.ModuleList(
@@ -213,9 +214,9 @@ class LayerwiseAttentionPooling(Conditioner):
     def condition(self, features: EncoderFeatures) -> Conditioning:
         hidden = take_layers(features.hidden, features.layer_ids, self.layer_ids)
         mask = features.mask
-        x = gather_tokens(hidden, mask)  # (T, n, H): real tokens only
+        x = pack_tokens(hidden, mask)  # (T, n, H): real tokens only (all, padding zeroed, under compile)
         keep = self._keep if self._layer_dropout else None
-        outs = [scatter_tokens(pool(x, keep), mask) for pool in self.pools]
+        outs = [unpack_tokens(pool(x, keep), mask) for pool in self.pools]
         if not self.per_layer:
             return Conditioning(tokens=outs[0], mask=mask)
         residuals: list[Tensor | None] = [*outs[1:], None]

@@ -8,8 +8,6 @@ image tokens; the DiT itself is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import nn
 
 from unifusion.conditioners.base import BackboneSpec, Conditioner, Conditioning
@@ -53,7 +51,6 @@ class LastLayer(Conditioner):
             states), or an absolute layer id that must be tapped.
         norm: RMSNorm on the hidden state before the adapter.
         adapter: Linear(H, D) to the DiT width; required when H != D.
-        roles: token roles to keep (None = all real tokens).
     """
 
     def __init__(
@@ -63,10 +60,9 @@ class LastLayer(Conditioner):
         layer: str | int = "last",
         norm: bool = True,
         adapter: bool = True,
-        roles: Sequence[str] | None = None,
     ) -> None:
         self._want_adapter = adapter
-        super().__init__(encoder, backbone, roles=roles)
+        super().__init__(encoder, backbone)
         self.layer_id = _pick_layer(encoder, layer)
         self.norm = RMSNorm(encoder.hidden_size) if norm else None
         self.adapter = nn.Linear(encoder.hidden_size, backbone.width) if adapter else None

@@ -17,8 +17,6 @@ available in training mode for the layers in ``perturb_layers``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -43,7 +41,6 @@ class ParaUniFusion(Conditioner):
         layers: absolute encoder layer ids (None = every tap).
         perturb_layers: absolute layer ids perturbed as ``c_i (1 + γ ε)`` in training (LDAM).
         perturb_gamma: γ of the perturbation (0 = off).
-        roles: token roles to keep (None = all real tokens).
     """
 
     def __init__(
@@ -58,11 +55,10 @@ class ParaUniFusion(Conditioner):
         layers: list[int] | None = None,
         perturb_layers: list[int] | None = None,
         perturb_gamma: float = 0.0,
-        roles: Sequence[str] | None = None,
     ) -> None:
         self.layer_ids = resolve_layer_ids(encoder.layer_ids, layers, "ParaUniFusion")
         self.num_heads = num_heads
-        super().__init__(encoder, backbone, roles=roles)
+        super().__init__(encoder, backbone)
         n, h, d = len(self.layer_ids), encoder.hidden_size, backbone.width
         self.shared = shared
         copies = 1 if shared else n

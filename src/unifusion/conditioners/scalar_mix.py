@@ -8,8 +8,6 @@ kind of layer-weight map as LAP's pooling layer (Fig. 8, 11).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +29,6 @@ class ScalarMix(Conditioner):
             scale-invariant norm would cancel).
         layers: absolute encoder layer ids (None = every tap).
         layer_dropout: absolute layer ids whose weights are zeroed (no renormalisation).
-        roles: token roles to keep (None = all real tokens).
     """
 
     def __init__(
@@ -42,10 +39,9 @@ class ScalarMix(Conditioner):
         output_norm: bool = False,
         layers: list[int] | None = None,
         layer_dropout: list[int] | None = None,
-        roles: Sequence[str] | None = None,
     ) -> None:
         self.layer_ids = resolve_layer_ids(encoder.layer_ids, layers, "ScalarMix")
-        super().__init__(encoder, backbone, roles=roles)
+        super().__init__(encoder, backbone)
         n, h = len(self.layer_ids), encoder.hidden_size
         self.logits = nn.Parameter(torch.zeros(n))  # uniform mix at init
         # γ is redundant after a scale-invariant output norm, so it only exists without one

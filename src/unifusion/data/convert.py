@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import shards as shards_mod
 from .shards import shapes_command  # noqa: F401  (re-exported: both CLI entry points live here)
@@ -98,7 +98,7 @@ class _Writer:
         shards_mod.write_manifest(self.out, manifest)
         summary = dict(counts)
         summary["shards"] = len(self.files)
-        log.info("%s -> %s: %s", kind, self.out, summary)
+        log.debug("%s -> %s: %s", kind, self.out, summary)  # the command prints the counts
         return summary
 
 
@@ -139,8 +139,9 @@ def convert_image_folder(
     """Shard a folder of images with sibling caption files (``a/b.png`` + ``a/b.txt``).
 
     Images without a caption file are skipped (``skipped_no_caption``) unless
-    ``require_caption=False`` (then the caption is empty). Returns counts:
-    ``written``, ``skipped_unreadable``, ``skipped_no_caption``, ``shards``.
+    ``require_caption=False`` (then the caption is empty); a caption file that is not UTF-8
+    text is skipped too (``skipped_bad_caption``). Returns counts: ``written``,
+    ``skipped_unreadable``, ``skipped_no_caption``, ``skipped_bad_caption``, ``shards``.
     """
     root = Path(src)
     if not root.is_dir():
@@ -148,11 +149,17 @@ def convert_image_folder(
     files = sorted(root.rglob("*") if recursive else root.iterdir())
     images = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     writer = _Writer(out, task, maxcount, maxsize, None)
-    counts = {"written": 0, "skipped_unreadable": 0, "skipped_no_caption": 0}
+    counts = {"written": 0, "skipped_unreadable": 0, "skipped_no_caption": 0, "skipped_bad_caption": 0}
     for path in images:
         cap_path = path.with_suffix(caption_ext)
         if cap_path.is_file():
-            text = cap_path.read_text(encoding="utf-8").strip()
+            try:
+                text = cap_path.read_text(encoding="utf-8").strip()
+            except (UnicodeDecodeError, OSError) as e:
+                # one bad caption file must not abort a conversion of millions of images
+                counts["skipped_bad_caption"] += 1
+                log.warning("skipping %s: caption file %s is not readable UTF-8 text (%s)", path, cap_path, e)
+                continue
         elif require_caption:
             counts["skipped_no_caption"] += 1
             continue
@@ -343,7 +350,7 @@ CONVERTERS = ("image_folder", "index", "edit_records")
 
 
 def convert_command(
-    kind: str,
+    kind: Literal["image_folder", "index", "edit_records"],
     src: str,
     out: str,
     *,
@@ -355,24 +362,41 @@ def convert_command(
     key_column: str | None = None,
     caption_ext: str = ".txt",
     require_caption: bool = True,
-    style: str = "instructpix2pix",
+    style: Literal["instructpix2pix", "magicbrush"] = "instructpix2pix",
     source_key: str | None = None,
     instruction_key: str | None = None,
     target_key: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """``unifusion data convert``: dispatch to a converter by ``kind``; prints and returns counts.
+    """``unifusion data convert``: turn your images/captions or editing records into shards.
+
+    Returns the counts (``written``, ``skipped_*``, ``shards``); the command prints them.
 
     Args:
-        kind: ``image_folder`` (src = folder of images + caption files), ``index`` (src =
-            JSONL/CSV/JSON/parquet index with ``image_key``/``caption_key`` columns, paths
-            relative to ``image_root``) or ``edit_records`` (src = parquet/JSON/JSONL editing
-            records, columns from ``style`` or ``source_key``/``instruction_key``/``target_key``).
+        kind: ``image_folder``: SRC is a folder tree of images, each with a caption file of the
+            same name (``a/b.png`` + ``a/b.txt``). ``index``: SRC is a JSONL/JSON/CSV/TSV/parquet
+            index with columns ``image_key`` (a path relative to ``image_root``, bytes, or an HF
+            image dict) and ``caption_key``. ``edit_records``: SRC is a parquet/JSON/JSONL file of
+            editing triplets whose columns ``style`` names (or ``source_key``/``instruction_key``/
+            ``target_key`` give).
         src: input folder or file.
         out: output shard directory (``manifest.json`` is merged, so kinds can share one).
         maxcount: samples per shard at most.
         maxsize: bytes per shard (a shard is closed once it reaches this size).
-    Only the options of the chosen ``kind`` are used; ``options`` go to it verbatim.
+        image_root: ``index``/``edit_records``: folder that relative image paths start from
+            (default: SRC's folder).
+        image_key: ``index``: the image column.
+        caption_key: ``index``: the caption column.
+        key_column: ``index``/``edit_records``: a column with unique sample ids (default: row number).
+        caption_ext: ``image_folder``: suffix of the caption files.
+        require_caption: ``image_folder``: skip images without a caption file (else: empty caption).
+        style: ``edit_records``: the dataset's column names (source image, instruction, target image):
+            ``instructpix2pix`` = ``input_image``, ``edit_prompt``, ``edited_image``;
+            ``magicbrush`` = ``source_img``, ``instruction``, ``target_img``. Images may be bytes,
+            ``{"bytes": ..., "path": ...}`` dicts (Hugging Face datasets) or paths.
+        source_key: ``edit_records``: source-image column, overriding ``style``.
+        instruction_key: ``edit_records``: instruction column, overriding ``style``.
+        target_key: ``edit_records``: target-image column, overriding ``style``.
     """
     limits = {"maxcount": maxcount, "maxsize": maxsize}
     if kind == "image_folder":
@@ -405,5 +429,4 @@ def convert_command(
         )
     else:
         raise ValueError(f"unknown converter kind {kind!r}; choose one of {list(CONVERTERS)}")
-    print(f"converted {kind} {src} -> {out}: {counts}")
     return counts

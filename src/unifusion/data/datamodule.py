@@ -11,7 +11,6 @@ Batches follow ``docs/contracts.md``. Corrupt samples are skipped and counted
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing
@@ -32,6 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..features import EncoderFeatures
+from ..images import decode_image, load_image_bytes, resize_center_crop
 from . import shards as shards_mod
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class DataSource:
     """One stream of samples: shards at ``path`` used for ``task`` with mixing ``weight``.
 
     ``path`` is a shard directory, a glob or a brace pattern (see
-    :func:`unifusion.data.shards.shard_urls`). ``cached=True`` reads pre-computed encoder
-    features (``feat.pth``) instead of prompts/images.
+    :func:`unifusion.data.shards.shard_urls`). ``cached=True`` reads a feature cache
+    written by ``unifusion cache`` (:mod:`unifusion.encoders.cache`) at ``path`` instead of
+    prompts/images.
     """
 
     path: str
@@ -146,20 +147,12 @@ def _fresh_counter(n: int, warn_first: int, warn_every: int) -> _SkipCounter:
 
 
 def _load_image(data: bytes, size: int | None) -> torch.Tensor:
-    """PNG/JPEG bytes -> float (3, size, size) in [0, 1]; shorter side resized, centre-cropped."""
-    from PIL import Image
+    """PNG/JPEG bytes -> float (3, size, size) in [0, 1]; shorter side resized, centre-cropped.
 
-    img = Image.open(io.BytesIO(data))
-    img = img.convert("RGB")  # forces a full decode, so truncated files raise here
-    if size is not None and img.size != (size, size):
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    The library's one decoder and resize (:func:`unifusion.images.load_image_bytes`): 16-bit
+    and other high-bit-depth images keep their brightness, and the feature cache prepares
+    reference images identically."""
+    return load_image_bytes(data, size)
 
 
 def _field(sample: dict[str, Any], prefix: str, task: str) -> bytes:
@@ -177,21 +170,6 @@ def _text(sample: dict[str, Any], name: str = "txt") -> str | None:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _load_features(data: bytes, rewrite: str | None) -> EncoderFeatures:
-    d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    hidden, roles = d["hidden"], d["roles"]
-    if hidden.dim() != 3:
-        raise ValueError(f"feat.pth hidden must be (S, n, H), got {tuple(hidden.shape)}")
-    s = hidden.shape[0]
-    return EncoderFeatures(
-        hidden=hidden[None],
-        mask=torch.ones(1, s, dtype=torch.bool),
-        roles=roles.to(torch.int8).reshape(1, s),
-        layer_ids=tuple(int(i) for i in d["layer_ids"]),
-        texts=[rewrite] if rewrite is not None else None,
-    )
-
-
 @dataclass
 class _Decoder:
     """Raw webdataset sample -> decoded sample dict for one task (picklable for workers)."""
@@ -204,15 +182,6 @@ class _Decoder:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         key = str(sample.get("__key__"))
         out: dict[str, Any] = {"key": key}
-        if self.cached:
-            # the features already encode prompt and reference images: decode the target only
-            if "feat.pth" not in sample:
-                raise KeyError(f"cached sample {key!r} has no feat.pth; was the source written by the feature cache?")
-            out["target"] = _load_image(
-                _field(sample, "tgt." if self.task == "edit" else "", self.task), self.image_size
-            )
-            out["features"] = _load_features(sample["feat.pth"], _text(sample, "rewrite.txt"))
-            return out
         if self.task == "edit":
             # src.* first, then any further references src1.*, src2.*, ... in numeric order
             stems = sorted({k.split(".", 1)[0] for k in sample if k[:3] == "src" and k[3:4].isdigit()}, key=_ref_no)
@@ -234,6 +203,65 @@ class _Decoder:
                 raise KeyError(f"{self.task} sample {key!r} has no txt (caption/instruction)")
             out["prompt"] = text
         return out
+
+
+class _CachedShard:
+    """One feature-cache shard as data-module samples (``key``, ``target``, ``features``).
+
+    Memory-mapped: each sample's tokens are sliced from the file and its target decoded when
+    asked for. ``in_memory``: the file is read once and every target decoded up front; the
+    result is kept for the life of the process (see :func:`_open_cached_shard`)."""
+
+    def __init__(self, path: str, image_size: int, in_memory: bool) -> None:
+        from ..encoders.cache import CacheShard
+
+        self.shard = CacheShard(path, in_memory=in_memory)
+        self.image_size = image_size
+        self.targets: list[torch.Tensor | Exception] | None = None
+        self.features: list[EncoderFeatures] | None = None
+        if in_memory:
+            self.targets = [self._decode_target(i) for i in range(len(self.shard))]
+            self.features = [self.shard.features(i) for i in range(len(self.shard))]
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def task(self, i: int) -> str:
+        return self.shard.samples[i].get("task", "t2i")
+
+    def key(self, i: int) -> str:
+        return self.shard.samples[i].get("key", str(i))
+
+    def _decode_target(self, i: int) -> torch.Tensor | Exception:
+        try:  # as uint8: a quarter of the memory; made float per sample (as _load_image does)
+            img = resize_center_crop(decode_image(self.shard.image_bytes(i)), self.image_size)
+            return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        except Exception as e:  # reported (and counted) when the sample is asked for
+            return e
+
+    def item(self, i: int) -> dict[str, Any]:
+        if self.targets is None or self.features is None:
+            target = _load_image(self.shard.image_bytes(i), self.image_size)
+            return {"key": self.key(i), "target": target, "features": self.shard.features(i)}
+        target = self.targets[i]
+        if isinstance(target, Exception):
+            raise target
+        return {"key": self.key(i), "target": target.float().div_(255.0), "features": self.features[i]}
+
+
+#: in-memory cache shards already loaded by this process: (path, mtime, size, image_size) -> shard
+_IN_MEMORY_SHARDS: dict[tuple[str, float, int, int], _CachedShard] = {}
+
+
+def _open_cached_shard(path: str, image_size: int, in_memory: bool) -> _CachedShard:
+    if not in_memory:
+        return _CachedShard(path, image_size, False)
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime, st.st_size, image_size)
+    shard = _IN_MEMORY_SHARDS.get(key)
+    if shard is None:
+        shard = _IN_MEMORY_SHARDS[key] = _CachedShard(path, image_size, True)
+    return shard
 
 
 def _ref_no(stem: str) -> int:
@@ -291,8 +319,10 @@ class _MixedBatches(IterableDataset):
         skipped: _SkipCounter,
         rank: int = 0,
         world_size: int = 1,
+        cache_in_memory: bool = False,
     ) -> None:
         super().__init__()
+        self.cache_in_memory = cache_in_memory
         self.sources = sources
         self.batch_size, self.image_size, self.reference_size = batch_size, image_size, reference_size
         self.shuffle_buffer, self.epoch_length, self.resampled = shuffle_buffer, epoch_length, resampled
@@ -324,6 +354,9 @@ class _MixedBatches(IterableDataset):
         return urls, total, gid
 
     def _samples(self, src: _SourceSpec) -> Iterator[dict[str, Any]]:
+        if src.cached:
+            yield from self._cached_samples(src)
+            return
         rank, _, worker, _ = self._info()
         decode = _Decoder(src.task, src.cached, self.image_size, self.reference_size)
         where = f" in source {src.index} ({src.task})"
@@ -349,6 +382,47 @@ class _MixedBatches(IterableDataset):
                 n_yielded += 1
                 yield item
             # finite pass done; repeat forever only when an epoch length drives the loop
+            if self.epoch_length is None or self.resampled:
+                return
+            if n_yielded == 0:
+                log.warning("source %d (%s) yielded no samples on this worker; dropping it", src.index, src.task)
+                return
+            pass_idx += 1
+
+    def _cached_samples(self, src: _SourceSpec) -> Iterator[dict[str, Any]]:
+        """Samples of a feature cache: same shard split, passes and sample striding as
+        :meth:`_samples` (so resume and multi-worker splits behave alike), but each sample is
+        a slice of a memory-mapped safetensors shard, not a pickle to unpickle."""
+        rank, _, worker, _ = self._info()
+        where = f" in cached source {src.index} ({src.task})"
+        pass_idx = 0
+        while True:
+            if self.resampled:
+                rng = random.Random(f"resample-{self.seed}-{src.index}-{self.epoch}-{rank}-{worker}")
+                urls: Iterator[str] | list[str] = (rng.choice(src.urls) for _ in iter(int, 1))
+                stride, offset = 1, 0
+            else:
+                urls, stride, offset = self._urls_once(src, pass_idx)
+            i, n_yielded = -1, 0
+            for url in urls:
+                try:
+                    shard = _open_cached_shard(url, self.image_size, self.cache_in_memory)
+                except Exception as e:  # a corrupt shard file must not end a long run
+                    self.skipped(e, f"{where} shard {url!r}")
+                    continue
+                for row in range(len(shard)):
+                    i += 1
+                    if stride > 1 and i % stride != offset:
+                        continue
+                    if shard.task(row) != src.task:  # a cache of mixed tasks serves each task's source
+                        continue
+                    try:
+                        item = shard.item(row)
+                    except Exception as e:
+                        self.skipped(e, f"{where} key {shard.key(row)!r}")
+                        continue
+                    n_yielded += 1
+                    yield item
             if self.epoch_length is None or self.resampled:
                 return
             if n_yielded == 0:
@@ -536,6 +610,10 @@ class UniFusionDataModule(pl.LightningDataModule):
         reference_size: side of reference images (``images``); ``None`` = ``image_size``,
             ``0`` = keep each image's stored size (e.g. for an encoder that tiles them itself).
         pin_memory: DataLoader ``pin_memory``.
+        cache_in_memory: cached sources (``cached: true``) are read whole into memory, with
+            their target images decoded, once per process, instead of memory-mapped and decoded
+            per sample. Fastest when the cache fits in RAM (each DataLoader worker holds its
+            own copy; with workers, use ``num_workers: 0`` or persistent workers).
     """
 
     def __init__(
@@ -552,8 +630,10 @@ class UniFusionDataModule(pl.LightningDataModule):
         val_sources: list[DataSource] | None = None,
         reference_size: int | None = None,
         pin_memory: bool = False,
+        cache_in_memory: bool = False,
     ) -> None:
         super().__init__()
+        self.cache_in_memory = cache_in_memory
         self.sources = _as_sources(sources, "sources")
         if not self.sources:
             raise ValueError("UniFusionDataModule needs at least one entry in `sources` (path + task)")
@@ -655,6 +735,8 @@ class UniFusionDataModule(pl.LightningDataModule):
             "size": g.size or self.image_size,
             "edit_fraction": g.edit_fraction,
             "recon_fraction": g.recon_fraction,
+            # shards written before the held-out compositions existed contain them
+            "held_out": shards_mod.shapes.HELD_OUT.names(),
         }
         diff = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
         if diff:
@@ -689,8 +771,19 @@ class UniFusionDataModule(pl.LightningDataModule):
         log.info("wrote %d shapes samples %s to %s", num, manifest["counts"], path)
 
     def _resolve(self, sources: list[DataSource]) -> list[_SourceSpec]:
+        from ..encoders.cache import cache_shard_paths
+
         return [
-            _SourceSpec(i, s.task, s.weight, s.cached, shards_mod.task_shard_urls(s.path, s.task))
+            _SourceSpec(
+                i,
+                s.task,
+                s.weight,
+                s.cached,
+                # a cache is checked here (format version, completeness), before training starts
+                cache_shard_paths(os.path.expanduser(s.path))
+                if s.cached
+                else shards_mod.task_shard_urls(s.path, s.task),
+            )
             for i, s in enumerate(sources)
         ]
 
@@ -726,6 +819,7 @@ class UniFusionDataModule(pl.LightningDataModule):
             skipped=self._skipped,
             rank=rank,
             world_size=world,
+            cache_in_memory=self.cache_in_memory,
         )
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -763,6 +857,17 @@ class UniFusionDataModule(pl.LightningDataModule):
         if not self.val_sources:
             return []
         return self._loader(self._dataset("val"), self.val_mix, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        """``unifusion test`` scores the held-out split: the validation sources."""
+        if not self.val_sources:
+            from unifusion.errors import UserError
+
+            raise UserError(
+                "`test` evaluates the held-out split: give data.val_sources, e.g. "
+                "--data.init_args.val_sources='[{path: artifacts/shapes/val, task: t2i}]'"
+            )
+        return self._loader(self._dataset("val"), Counter(), "test")
 
     def log_mix(self) -> str:
         """Log (and return) the realised task mix and skipped count as one line."""

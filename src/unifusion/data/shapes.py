@@ -55,6 +55,118 @@ _ROW_NAMES = ("top", "middle", "bottom")
 _COL_NAMES = ("left", "center", "right")
 _NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
+#: Spatial relations a held-out composition can name (a cell-level comparison, like captions).
+RELATIONS: tuple[str, ...] = ("left_of", "right_of", "above", "below")
+_INVERSE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+_RELATION_WORDS = {"left_of": "to the left of", "right_of": "to the right of", "above": "above", "below": "below"}
+
+Pair = tuple[str, str]  # (color, shape)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Compositions the generator never produces and ShapesBench scores as ``held_out``.
+
+    ``pairs``: (color, shape) combinations that appear in no scene, hence in no caption,
+    edit instruction or image, although the colour and the shape each occur with others.
+    ``relations``: ``((color, shape), rel, (color, shape))``: the first object never stands
+    in relation ``rel`` (compared by grid cell, as captions do) to the second in any scene,
+    although both objects occur, together too, in the other arrangements. A relation and
+    its inverse with the objects swapped are the same composition ("A left of B" = "B right
+    of A"), so both phrasings are held out.
+    """
+
+    pairs: tuple[Pair, ...] = ()
+    relations: tuple[tuple[Pair, str, Pair], ...] = ()
+
+    def __post_init__(self) -> None:
+        for color, shape in self.pairs + tuple(o for a, _, b in self.relations for o in (a, b)):
+            if color not in ALL_COLORS:
+                raise ValueError(f"Unknown color {color!r} in a held-out composition; valid: {', '.join(ALL_COLORS)}")
+            if shape not in ALL_SHAPES:
+                raise ValueError(f"Unknown shape {shape!r} in a held-out composition; valid: {', '.join(ALL_SHAPES)}")
+        for a, rel, b in self.relations:
+            if rel not in RELATIONS:
+                raise ValueError(f"Unknown relation {rel!r} in a held-out composition; valid: {', '.join(RELATIONS)}")
+            if a == b or a in self.pairs or b in self.pairs:
+                raise ValueError(f"held-out relation {a} {rel} {b}: needs two different objects that are not held out")
+
+    @staticmethod
+    def pair_name(pair: Pair) -> str:
+        return f"{pair[0]} {pair[1]}"
+
+    @staticmethod
+    def relation_name(a: Pair, rel: str, b: Pair) -> str:
+        return f"{HeldOut.pair_name(a)} {_RELATION_WORDS[rel]} {HeldOut.pair_name(b)}"
+
+    def names(self) -> list[str]:
+        """Every held-out composition as text: ``"red triangle"``, ``"blue circle to the left of green square"``."""
+        return [self.pair_name(p) for p in self.pairs] + [self.relation_name(*r) for r in self.relations]
+
+    def within(self, shapes: Sequence[str], colors: Sequence[str]) -> HeldOut:
+        """The compositions expressible with this vocabulary."""
+
+        def ok(p: Pair) -> bool:
+            return p[0] in colors and p[1] in shapes
+
+        return HeldOut(
+            pairs=tuple(p for p in self.pairs if ok(p)),
+            relations=tuple(r for r in self.relations if ok(r[0]) and ok(r[2])),
+        )
+
+    def violations(self, objects: Sequence[ShapeObject]) -> list[str]:
+        """Names of the held-out compositions that ``objects`` (one scene) contain."""
+        found = [self.pair_name(p) for p in self.pairs if any((o.color, o.shape) == p for o in objects)]
+        for a, rel, b in self.relations:
+            if any(
+                (oa.color, oa.shape) == a and (ob.color, ob.shape) == b and in_relation(oa, ob, rel)
+                for oa in objects
+                for ob in objects
+                if oa is not ob
+            ):
+                found.append(self.relation_name(a, rel, b))
+        return found
+
+    def allows(self, objects: Sequence[ShapeObject]) -> bool:
+        """True when the scene made of ``objects`` contains no held-out composition."""
+        if any((o.color, o.shape) in self.pairs for o in objects):
+            return False
+        return not self.relations or not self.violations(objects)
+
+
+def in_relation(a: ShapeObject, b: ShapeObject, rel: str) -> bool:
+    """Is ``a`` ``rel`` (left_of / right_of / above / below) ``b``, comparing grid cells?"""
+    (ra, ca), (rb, cb) = a.cell, b.cell
+    if rel == "left_of":
+        return ca < cb
+    if rel == "right_of":
+        return ca > cb
+    if rel == "above":
+        return ra < rb
+    if rel == "below":
+        return ra > rb
+    raise ValueError(f"Unknown relation {rel!r}; valid: {', '.join(RELATIONS)}")
+
+
+def inverse_relation(rel: str) -> str:
+    """``left_of`` <-> ``right_of``, ``above`` <-> ``below``."""
+    return _INVERSE[rel]
+
+
+#: The held-out compositions: ONE constant read by the generator (which excludes them by
+#: default) and by ShapesBench (which scores exactly these as its ``held_out`` category).
+#: Each held-out colour still occurs with the other two shapes and each shape with five
+#: colours; none of these is in the quickstart's sample-grid prompts. The relation objects
+#: are ordinary (seen) objects: only their arrangement is new.
+HELD_OUT = HeldOut(
+    pairs=(("red", "triangle"), ("yellow", "square"), ("cyan", "circle")),
+    relations=(
+        (("blue", "circle"), "left_of", ("green", "square")),
+        (("magenta", "triangle"), "above", ("yellow", "circle")),
+    ),
+)
+_REDRAWS = 20  # rejection draws before falling back to enumerating the allowed choices
+
 
 @dataclass
 class ShapeObject:
@@ -219,11 +331,14 @@ def random_scene(
     sizes: Sequence[str] | None = None,
     duplicate_prob: float = 0.2,
     background: tuple[int, int, int] = BACKGROUND,
+    held_out: HeldOut | None = HELD_OUT,
 ) -> Scene:
     """A random scene of ``min_objects..max_objects`` objects, one per grid cell.
 
     With probability ``duplicate_prob`` a later object copies an earlier one's shape and
-    colour, so counting captions ("two green triangles") occur.
+    colour, so counting captions ("two green triangles") occur. No scene contains a
+    composition of ``held_out`` (default :data:`HELD_OUT`; ``None`` allows everything): an
+    object that would make one is drawn again.
     """
     if not 0 <= min_objects <= max_objects <= GRID * GRID:
         raise ValueError(f"need 0 <= min_objects <= max_objects <= {GRID * GRID}, got {min_objects}, {max_objects}")
@@ -244,11 +359,47 @@ def random_scene(
             shape, color = ref.shape, ref.color
         else:
             shape, color = rng.choice(list(shapes)), rng.choice(colors)
+        if held_out is not None:
+            shape, color = _allowed_draw(rng, objects, (shape, color), x, y, shapes, colors, held_out)
         size = SIZES[rng.choice(sizes)]
         if _crowded(objects, r, c, size):
             size = min(SIZES[s] for s in sizes)  # two large neighbours would overlap
         objects.append(ShapeObject(shape=shape, color=color, size=size, x=x, y=y))
     return Scene(objects=objects, background=background)
+
+
+def _allowed_draw(
+    rng: random.Random,
+    objects: Sequence[ShapeObject],
+    first: tuple[str, str],
+    x: float,
+    y: float,
+    shapes: Sequence[str],
+    colors: Sequence[str],
+    held_out: HeldOut,
+) -> tuple[str, str]:
+    """(shape, color) for a new object at (x, y) that keeps the scene free of ``held_out``.
+
+    ``first`` is the ordinary draw; only when it is not allowed are more draws made (so
+    scenes that never touch a held-out composition are exactly what they were without
+    one), and after a few misses the allowed choices are enumerated.
+    """
+
+    def ok(shape: str, color: str) -> bool:
+        return held_out.allows([*objects, ShapeObject(shape=shape, color=color, size=0.0, x=x, y=y)])
+
+    shape, color = first
+    for _ in range(_REDRAWS):
+        if ok(shape, color):
+            return shape, color
+        shape, color = rng.choice(list(shapes)), rng.choice(list(colors))
+    options = [(s, c) for s in shapes for c in colors if ok(s, c)]
+    if not options:
+        raise ValueError(
+            f"no shape/colour in shapes={list(shapes)}, colors={list(colors)} avoids the held-out compositions "
+            f"{held_out.names()} here; widen the vocabulary or pass held_out=None"
+        )
+    return rng.choice(options)
 
 
 def _crowded(objects: Sequence[ShapeObject], row: int, col: int, size: float) -> bool:
@@ -389,12 +540,15 @@ def make_edit(
     max_objects: int = 4,
     shapes: Sequence[str] = SHAPES,
     colors: Sequence[str] | None = None,
+    held_out: HeldOut | None = HELD_OUT,
 ) -> tuple[str, Scene, dict[str, Any]]:
     """Draw an edit applicable to ``scene``: ``(instruction, target_scene, edit_record)``.
 
     ``edit_record`` has ``type`` (one of :data:`EDIT_TYPES`), ``index`` of the affected
     object (in the source for recolor/move/remove/resize, in the target for add) and the
-    before/after values. The source scene is not modified.
+    before/after values. The source scene is not modified. No edit creates a composition
+    of ``held_out`` (default :data:`HELD_OUT`; ``None`` allows everything): recolours,
+    moves and additions that would are never drawn.
     """
     colors = list(colors) if colors is not None else list(COLORS)
     n = len(scene.objects)
@@ -402,6 +556,33 @@ def make_edit(
 
     def others(i: int) -> list[ShapeObject]:
         return scene.objects[:i] + scene.objects[i + 1 :]
+
+    def allowed(objects: list[ShapeObject]) -> bool:
+        return held_out is None or held_out.allows(objects)
+
+    def recolors(i: int) -> list[str]:
+        o = scene.objects[i]
+        return [c for c in colors if c != o.color and allowed([*others(i), ShapeObject(o.shape, c, o.size, o.x, o.y)])]
+
+    def moves(i: int) -> list[tuple[int, int]]:
+        # only cells where the object fits: a large object next to a large neighbour would overlap it
+        o = scene.objects[i]
+        return [
+            (r, c)
+            for r, c in free
+            if not _crowded(others(i), r, c, o.size)
+            and allowed([*others(i), ShapeObject(o.shape, o.color, o.size, *cell_center(r, c))])
+        ]
+
+    def can_add(r: int, c: int) -> bool:
+        x, y = cell_center(r, c)
+        return any(allowed([*scene.objects, ShapeObject(s, k, 0.0, x, y)]) for s in shapes for k in colors)
+
+    # without held-out compositions in play every object / free cell qualifies (and the
+    # draws below are the same as they always were)
+    recolorable = [i for i in range(n) if recolors(i)]
+    movable = [i for i in range(n) if moves(i)]
+    addable = [rc for rc in free if can_add(*rc)]
 
     # growing an object next to a large neighbour would make them overlap
     resizable = [
@@ -413,13 +594,13 @@ def make_edit(
     for k in kinds:
         if k not in EDIT_TYPES:
             raise ValueError(f"Unknown edit type {k!r}; valid types are: {', '.join(EDIT_TYPES)}")
-        if k == "recolor" and n >= 1:
+        if k == "recolor" and recolorable:
             possible.append(k)
         elif k == "resize" and resizable:
             possible.append(k)
-        elif k == "move" and n >= 1 and free:
+        elif k == "move" and movable:
             possible.append(k)
-        elif k == "add" and n < max_objects and free:
+        elif k == "add" and n < max_objects and addable:
             possible.append(k)
         elif k == "remove" and n >= 2:  # never leave an empty canvas
             possible.append(k)
@@ -429,29 +610,38 @@ def make_edit(
     target = copy.deepcopy(scene)
 
     if kind == "add":
-        r, c = rng.choice(free)
+        r, c = rng.choice(addable)
         x, y = cell_center(r, c)
         size = SIZES[rng.choice(list(SIZES))]
         if _crowded(scene.objects, r, c, size):
             size = min(SIZES.values())
-        obj = ShapeObject(rng.choice(list(shapes)), rng.choice(colors), size, x, y)
+        shape, color = rng.choice(list(shapes)), rng.choice(colors)
+        if held_out is not None:
+            shape, color = _allowed_draw(rng, scene.objects, (shape, color), x, y, shapes, colors, held_out)
+        obj = ShapeObject(shape, color, size, x, y)
         target.objects.append(obj)
         what = describe(obj, with_size=rng.random() < 0.5)
         where = position_phrase(r, c, rng)
         verb = rng.choice(["add", "put", "draw", "insert"])
         return f"{verb} {what} {where}", target, {"type": "add", "index": n, "object": asdict(obj)}
 
-    i = rng.choice(resizable) if kind == "resize" else rng.randrange(n)
+    if kind == "resize":
+        i = rng.choice(resizable)
+    elif kind == "recolor" and len(recolorable) < n:
+        i = rng.choice(recolorable)
+    elif kind == "move" and len(movable) < n:
+        i = rng.choice(movable)
+    else:
+        i = rng.randrange(n)
     ref = _refer(scene, i, rng)
     obj = target.objects[i]
     if kind == "recolor":
-        new = rng.choice([c for c in colors if c != obj.color])
+        new = rng.choice(recolors(i))
         old, obj.color = obj.color, new
         tmpl = rng.choice(["make {r} {c}", "change the color of {r} to {c}", "turn {r} {c}", "recolor {r} {c}"])
         return tmpl.format(r=ref, c=new), target, {"type": "recolor", "index": i, "from": old, "to": new}
     if kind == "move":
-        roomy = [(r, c) for r, c in free if not _crowded(others(i), r, c, obj.size)]
-        r, c = rng.choice(roomy or free)
+        r, c = rng.choice(moves(i))
         old_cell = obj.cell
         obj.x, obj.y = cell_center(r, c)
         name = position_name(r, c)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import random
 import sys
@@ -30,6 +31,8 @@ import braceexpand
 import webdataset as wds
 
 from . import shapes
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -191,6 +194,8 @@ def write_shapes_shards(
         "max_objects": max_objects,
         "edit_fraction": edit_fraction,
         "recon_fraction": recon_fraction,
+        # the compositions the generator left out (ShapesBench's held_out category)
+        "held_out": shapes.HELD_OUT.names(),
         "shard_size": shard_size,
         "counts": {t: len(v) for t, v in per_task.items()},
         "edit_types": dict(sorted(edit_types.items())),
@@ -210,7 +215,20 @@ def shapes_command(
     shard_size: int = 1000,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """``unifusion data shapes``: write shapes-world shards; prints and returns the counts."""
+    """``unifusion data shapes``: write procedural shapes-world shards (the quickstart's data).
+
+    Returns the per-task counts and the number of shards; the command prints them.
+
+    Args:
+        out: output shard directory (with ``manifest.json``).
+        num: samples to write.
+        seed: generator seed (same seed, same bytes).
+        size: image side in px.
+        edit_fraction: fraction of samples that are editing triplets (``src.png``, ``txt``, ``tgt.png``).
+        recon_fraction: fraction of samples marked for reconstruction.
+        shard_size: samples per shard.
+        workers: processes writing shards in parallel (same bytes for any number).
+    """
     manifest = write_shapes_shards(
         out,
         num=num,
@@ -223,7 +241,7 @@ def shapes_command(
     )
     counts = dict(manifest["counts"])
     counts["shards"] = sum(len(v) for v in manifest["shards"].values())
-    print(f"wrote {num} shapes samples ({size}px, seed {seed}) to {out}: {counts}")
+    log.debug("wrote %d shapes samples (%d px, seed %d) to %s: %s", num, size, seed, out, counts)
     return counts
 
 

@@ -1,10 +1,16 @@
 """Frozen Hugging Face encoders (VLMs, causal LMs, T5) as :class:`~unifusion.encoders.base.Encoder`.
 
 ``HFEncoder`` renders each sample through the model's chat template (system prompt,
-images, the user's words), runs the language model **only up to the deepest tapped
-layer** (``truncate=True``), and returns :class:`~unifusion.features.EncoderFeatures`
-with one role per token. Layer ids follow :mod:`unifusion.encoders.layers` (0 =
+images, the user's words), tokenizes the whole batch in one processor call, runs the
+language model **only up to the deepest tapped layer** (``truncate=True``), and returns
+:class:`~unifusion.features.EncoderFeatures` restricted to the configured token
+``roles`` (default: the paper's user content + image tokens; the template is part of the
+forward but not of the output). Layer ids follow :mod:`unifusion.encoders.layers` (0 =
 embedding output, ``i`` = raw output of block ``i``; the last is *before* the final norm).
+
+Captions are text: special-token strings in them (``<image>``, ``<|image_pad|>``,
+``<IMG_CONTEXT>``, ``<start_of_image>``, ``<|im_end|>``, ...) are broken up before the
+processor sees them, so a scraped alt-text cannot add image slots or end a chat turn.
 
 The HF model is frozen (eval, no grad) and deliberately kept **outside** the module tree:
 it is not in ``state_dict()``, ``parameters()`` or checkpoints, and an optimizer never
@@ -25,6 +31,7 @@ Example YAML::
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +43,7 @@ from torch import Tensor
 from unifusion.encoders.base import Encoder, ImageList, images_to_list
 from unifusion.encoders.layers import resolve_layers
 from unifusion.encoders.tiling import tile_image, to_pil
-from unifusion.features import EncoderFeatures, EncoderSpec, TokenRole
+from unifusion.features import EncoderFeatures, EncoderSpec, TokenRole, parse_roles_spec, roles_names
 
 #: The VERIFI system prompt used when ``verifi=True`` and no ``system_prompt`` is given.
 DEFAULT_VERIFI_PROMPT = (
@@ -65,7 +72,11 @@ _SENTINEL = "\ue000UNIFUSION_USER\ue001"
 
 @dataclass
 class PreparedBatch:
-    """Model inputs of a rendered batch plus the per-token mask/roles (and VERIFI texts)."""
+    """Model inputs of a rendered batch plus the per-token mask/roles (and VERIFI texts).
+
+    Holds **every** token (template included): the forward needs them all; :meth:`HFEncoder.encode`
+    keeps the configured roles afterwards.
+    """
 
     inputs: dict[str, Any]
     mask: Tensor
@@ -87,12 +98,24 @@ class _Frozen:
         self.model: Any = None
         self.processor: Any = None
         self.tokenizer: Any = None
+        #: matches the tokenizer's special-token strings inside user text (see ``neutralise``)
+        self.special_re: re.Pattern[str] | None = None
+        #: (n_images, system prompt) -> the rendered chat around the user text (prefix, suffix)
+        self.templates: dict[tuple[int, str | None], tuple[str, str]] = {}
+        self.image_ids: Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> _Frozen:
         return self
 
     def __getstate__(self) -> dict:
-        return {"model": None, "processor": None, "tokenizer": None}
+        return {
+            "model": None,
+            "processor": None,
+            "tokenizer": None,
+            "special_re": None,
+            "templates": {},
+            "image_ids": None,
+        }
 
 
 def detect_family(config: Any) -> str:
@@ -160,6 +183,12 @@ class HFEncoder(Encoder):
         on_images: what a text-only encoder (``llama``, ``t5``) does with reference images:
             ``"error"`` (default) raises; ``"ignore"`` drops them (the text-only baselines
             of the paper train on text-to-image only; use this to run mixed-task data anyway).
+        roles: which tokens :meth:`encode` returns — the single place token roles are
+            chosen (training, the feature cache, sampling and REPA all see these):
+            ``None``/``"default"`` = the paper's default (user text + image tiles +
+            thumbnail; with VERIFI: generated tokens + image tokens), ``"all"`` = every
+            real token (system prompt and chat template too), or a list of role names
+            (``system``, ``user_text``, ``image_tile``, ``thumbnail``, ``generated``).
     """
 
     def __init__(
@@ -185,8 +214,14 @@ class HFEncoder(Encoder):
         verifi_seed: int = 0,
         verifi_batch: bool = True,
         on_images: str = "error",
+        roles: str | list[str] | None = None,
     ) -> None:
         super().__init__()
+        try:
+            parse_roles_spec(roles)
+        except ValueError as e:
+            raise ValueError(f"HFEncoder roles={roles!r}: {e}") from e
+        self.roles = roles
         from transformers import AutoConfig
 
         if build_tiny_if_missing:
@@ -300,6 +335,7 @@ class HFEncoder(Encoder):
             "tile_size": self.tile_size_arg,
             "max_length": self.max_length,
             "use_chat_template": self.use_chat_template,
+            "roles": roles_names(self.kept_roles(self.verifi)),
         }
         if self.verifi:
             meta.update(
@@ -394,6 +430,9 @@ class HFEncoder(Encoder):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._hf.model, self._hf.processor, self._hf.tokenizer = model, processor, tokenizer
+        self._hf.special_re = _special_token_pattern(tokenizer, processor)
+        self._hf.templates = {}
+        self._hf.image_ids = None
         self._move_to_target()
         return self
 
@@ -445,16 +484,23 @@ class HFEncoder(Encoder):
             if self.is_vlm:
                 raise ValueError(f"HFEncoder(family={self.family!r}) needs its chat template to place images")
             return user, 0, len(user)
-        messages = []
-        if system_prompt:
-            # VLM templates (e.g. llava-hf's) read typed content parts and render plain strings as nothing
-            content: Any = [{"type": "text", "text": system_prompt}] if self.is_vlm else system_prompt
-            messages.append({"role": "system", "content": content})
-        messages.append({"role": "user", "content": self._image_placeholder_content(n_images, _SENTINEL)})
-        rendered = self._hf.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if rendered.count(_SENTINEL) != 1:
-            raise ValueError(f"The chat template of {self.path!r} did not render the user content exactly once")
-        prefix, suffix = rendered.split(_SENTINEL)
+        key = (n_images, system_prompt)
+        parts = self._hf.templates.get(key)
+        if parts is None:
+            # the chat around the user's words depends only on (images, system prompt): render
+            # it once with a sentinel in place of the words (the template is most of the cost)
+            messages = []
+            if system_prompt:
+                # VLM templates (e.g. llava-hf's) read typed content parts and render plain strings as nothing
+                content: Any = [{"type": "text", "text": system_prompt}] if self.is_vlm else system_prompt
+                messages.append({"role": "system", "content": content})
+            messages.append({"role": "user", "content": self._image_placeholder_content(n_images, _SENTINEL)})
+            rendered = self._hf.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if rendered.count(_SENTINEL) != 1:
+                raise ValueError(f"The chat template of {self.path!r} did not render the user content exactly once")
+            prefix, suffix = rendered.split(_SENTINEL)
+            parts = self._hf.templates[key] = (prefix, suffix)
+        prefix, suffix = parts
         return prefix + user + suffix, len(prefix), len(prefix) + len(user)
 
     def _sample_images(self, images: list[Any]) -> tuple[list[Any], list[int]]:
@@ -471,13 +517,35 @@ class HFEncoder(Encoder):
                 counts.append(len(tiles))
         return flat, counts
 
+    def _tokenize_kwargs(self) -> dict[str, Any]:
+        return dict(add_special_tokens=not self.use_chat_template, return_offsets_mapping=True, return_tensors="pt")
+
     def _tokenize_sample(self, text: str, flat_images: list[Any]) -> dict[str, Any]:
-        kw = dict(add_special_tokens=not self.use_chat_template, return_offsets_mapping=True, return_tensors="pt")
+        kw = self._tokenize_kwargs()
         if self.is_vlm:
             out = self._hf.processor(text=[text], images=flat_images or None, **kw)
         else:
             out = self._hf.tokenizer([text], **kw)
         return dict(out)
+
+    def neutralise(self, text: str) -> str:
+        """User text with every special-token string broken up (a space after its first
+        character), so that the processor reads it as words: ``"<image>"`` -> ``"< image>"``.
+
+        Captions are text; without this a scraped alt-text holding ``<image>`` (LLaVA),
+        ``<|image_pad|>`` (Qwen2-VL), ``<IMG_CONTEXT>`` (InternVL), ``<start_of_image>``
+        (Gemma 3) or a chat marker such as ``<|im_end|>`` would add image slots (and fail
+        with "Found 1 <image> tokens in the text but no images were passed") or end the turn.
+        """
+        pattern = (self._hf if self.loaded else self.load()._hf).special_re
+        if pattern is None or not text:
+            return text
+        for _ in range(8):  # breaking one string can expose another only in contrived cases
+            new = pattern.sub(lambda m: m.group(0)[0] + " " + m.group(0)[1:], text)
+            if new == text:
+                break
+            text = new
+        return text
 
     def _image_token_ids(self) -> set[int]:
         tok = self._hf.tokenizer
@@ -505,19 +573,19 @@ class HFEncoder(Encoder):
         user span is ``[E - tail - len(user), E - tail)`` with ``E`` the expanded length.
         """
         ids = out["input_ids"][0]
-        offsets = out["offset_mapping"][0]
-        n = ids.shape[0]
-        roles = torch.full((n,), int(TokenRole.SYSTEM), dtype=torch.int8)
-        end_total = int(offsets[:, 1].max()) if n else 0
-        ulen = user_span[1] - user_span[0]
-        u_end = end_total - text_len_tail
-        u_start = u_end - ulen
-        if ulen > 0:
-            overlap = (offsets[:, 0] < u_end) & (offsets[:, 1] > u_start) & (offsets[:, 1] > offsets[:, 0])
-            roles[overlap] = int(TokenRole.USER_TEXT)
+        roles = _text_roles(
+            out["offset_mapping"], torch.ones_like(out["input_ids"], dtype=torch.bool), [user_span], [text_len_tail]
+        )[0]
         if counts:
-            img_ids = torch.tensor(sorted(self._image_token_ids()))
-            is_img = torch.isin(ids, img_ids)
+            self._image_roles(ids, roles, counts)
+        return roles
+
+    def _image_roles(self, ids: Tensor, roles: Tensor, counts: list[int]) -> None:
+        """Tag the image tokens of one sample (``counts``: images per reference image) in place."""
+        if counts:
+            if self._hf.image_ids is None:
+                self._hf.image_ids = torch.tensor(sorted(self._image_token_ids()))
+            is_img = torch.isin(ids, self._hf.image_ids)
             pos = torch.nonzero(is_img).flatten().tolist()
             runs: list[list[int]] = []
             for p in pos:
@@ -548,20 +616,27 @@ class HFEncoder(Encoder):
                 for j, run in enumerate(group):
                     last = j == len(group) - 1
                     roles[run] = int(TokenRole.THUMBNAIL if last else TokenRole.IMAGE_TILE)
-        return roles
 
-    def _prepare_sample(
-        self, prompt: str, images: list[Any], task: str, system_prompt: str | None
-    ) -> tuple[dict[str, Any], Tensor]:
+    def _check_images(self, images: list[Any], task: str) -> list[Any]:
         if images and not self.is_vlm and self.on_images == "ignore":
-            images = []
+            return []
         if images and not self.is_vlm:
             raise ValueError(
                 f"HFEncoder(path={self.path!r}, family={self.family!r}) is text-only but got {len(images)} "
                 f"image(s) for task {task!r}; use a VLM family (llava, qwen2_vl, qwen2_5_vl, internvl, gemma3) "
                 f"or drop recon/edit tasks from the data mix (or set `on_images: ignore`)."
             )
-        user = "" if task == "recon" else (prompt or "").strip()
+        return images
+
+    def _user_text(self, prompt: str, task: str) -> str:
+        return "" if task == "recon" else self.neutralise((prompt or "").strip())
+
+    def _prepare_sample(
+        self, prompt: str, images: list[Any], task: str, system_prompt: str | None
+    ) -> tuple[dict[str, Any], Tensor]:
+        """One sample through the processor; cuts the user text to fit ``max_length``."""
+        images = self._check_images(images, task)
+        user = self._user_text(prompt, task)
         flat, counts = self._sample_images(images)
         for _ in range(4):
             text, us, ue = self._render(user, len(flat), system_prompt)
@@ -589,8 +664,68 @@ class HFEncoder(Encoder):
         out.pop("offset_mapping", None)
         return out, roles
 
+    def _prepare_per_sample(
+        self, prompts: list[str], imgs: list[list[Any]], task: str, system_prompt: str | None
+    ) -> tuple[list[dict[str, Any]], list[Tensor], list[dict[str, Tensor]]]:
+        """One processor call per sample (the reference path; also handles ``max_length`` cuts).
+
+        Returns the samples' sequence inputs, their roles and each sample's own image inputs."""
+        samples, roles, per_images = [], [], []
+        for p, im in zip(prompts, imgs):
+            x, r = self._prepare_sample(p, im, task, system_prompt)
+            samples.append({k: v for k, v in x.items() if _is_seq(k, v)})
+            roles.append(r)
+            per_images.append({k: x[k] for k in _IMAGE_KEYS if x.get(k) is not None})
+        return samples, roles, per_images
+
+    def _prepare_batched(
+        self, prompts: list[str], imgs: list[list[Any]], task: str, system_prompt: str | None
+    ) -> tuple[dict[str, Any], Tensor, Tensor] | None:
+        """The whole batch in one processor call: ``(inputs, mask, roles)``, right-padded, with
+        the same ids, masks and roles as :meth:`_prepare_per_sample` + :meth:`_collate`;
+        ``None`` when a sample needs a ``max_length`` cut (the per-sample path does that)."""
+        texts, spans, tails, flats, counts = [], [], [], [], []
+        for p, im in zip(prompts, imgs):
+            flat, c = self._sample_images(self._check_images(im, task))
+            text, us, ue = self._render(self._user_text(p, task), len(flat), system_prompt)
+            texts.append(text)
+            spans.append((us, ue))
+            tails.append(len(text) - ue)
+            flats.append(flat)
+            counts.append(c)
+        # right padding whatever the tokenizer's default, as _collate pads
+        kw = dict(self._tokenize_kwargs(), padding=True, padding_side="right")
+        if self.is_vlm:
+            if not any(flats):
+                images = None
+            elif self.family == "gemma3":
+                images = flats  # Gemma 3's processor wants the images nested per text
+            else:
+                images = [x for f in flats for x in f]
+            out = dict(self._hf.processor(text=texts, images=images, **kw))
+        else:
+            out = dict(self._hf.tokenizer(texts, **kw))
+        mask = out["attention_mask"].bool()
+        if int(mask.sum(1).max()) > self.max_length:
+            return None
+        roles = _text_roles(out.pop("offset_mapping"), mask, spans, tails)
+        for i, c in enumerate(counts):
+            if c:
+                n = int(mask[i].sum())
+                self._image_roles(out["input_ids"][i, :n], roles[i, :n], c)
+        inputs = {k: v for k, v in out.items() if _is_seq(k, v)}
+        inputs["attention_mask"] = mask.long()
+        inputs["input_ids"] = out["input_ids"].masked_fill(~mask, self._hf.tokenizer.pad_token_id)
+        for k in _SEQ_KEYS[2:]:  # token type ids: 0 on padding, as _collate fills
+            if k in inputs:
+                inputs[k] = inputs[k].masked_fill(~mask, 0)
+        inputs.update({k: out[k] for k in _IMAGE_KEYS if out.get(k) is not None})
+        return inputs, mask, roles
+
     # ------------------------------------------------------------------ batching
-    def _collate(self, samples: list[dict[str, Any]], roles: list[Tensor]) -> tuple[dict[str, Any], Tensor, Tensor]:
+    def _collate(
+        self, samples: list[dict[str, Any]], roles: list[Tensor], extras: dict[str, Tensor]
+    ) -> tuple[dict[str, Any], Tensor, Tensor]:
         pad_id = self._hf.tokenizer.pad_token_id
         s = max(x["input_ids"].shape[1] for x in samples)
         b = len(samples)
@@ -608,10 +743,7 @@ class HFEncoder(Encoder):
             role_t[i, :n] = r
             for k in seq_keys:
                 batch[k][i, :n] = x[k][0]
-        for k in ("pixel_values", "image_grid_thw", "image_sizes"):
-            parts = [x[k] for x in samples if k in x and x[k] is not None]
-            if parts:
-                batch[k] = torch.cat(parts)
+        batch.update(extras)
         batch["input_ids"] = ids
         batch["attention_mask"] = mask
         return batch, mask.bool(), role_t
@@ -689,8 +821,14 @@ class HFEncoder(Encoder):
         task: str = "t2i",
         system_prompt: str | None = None,
         verifi: bool | None = None,
+        per_sample: bool = False,
     ) -> PreparedBatch:
-        """Render, tokenize (and with VERIFI: generate) a batch without the tapped forward."""
+        """Render, tokenize (and with VERIFI: generate) a batch without the tapped forward.
+
+        Every token is returned, with its role. The batch goes through the processor in
+        one call; ``per_sample=True`` makes one call per sample (the reference path, and
+        the fallback when a sample must be cut to ``max_length``).
+        """
         use_verifi = self.verifi if verifi is None else bool(verifi)
         if use_verifi and self.family == "t5":
             raise ValueError("VERIFI needs a generative model; the t5 family is an encoder only")
@@ -705,22 +843,33 @@ class HFEncoder(Encoder):
             sys_prompt = self.system_prompt or DEFAULT_VERIFI_PROMPT
         else:
             sys_prompt = self.system_prompt
-        samples, roles = [], []
-        for p, im in zip(prompts, imgs):
-            x, r = self._prepare_sample(p, im, task, sys_prompt)
-            samples.append(x)
-            roles.append(r)
+        # sample-by-sample VERIFI generation needs each sample's own image inputs
+        split_images = use_verifi and not self.verifi_batch
+        batched = None if (per_sample or split_images) else self._prepare_batched(prompts, imgs, task, sys_prompt)
+        per_images: list[dict[str, Tensor]] | None = None
+        if batched is None:
+            samples, roles, per_images = self._prepare_per_sample(prompts, imgs, task, sys_prompt)
+            extras = _concat_images(per_images)
+        else:
+            inputs, mask, role_t = batched
+            if not use_verifi:
+                return PreparedBatch(inputs=inputs, mask=mask, roles=role_t)
+            # VERIFI appends each sample's generation: back to per-sample rows
+            lengths = mask.sum(1).tolist()
+            samples = [{k: v[i : i + 1, :n] for k, v in inputs.items() if _is_seq(k, v)} for i, n in enumerate(lengths)]
+            roles = [role_t[i, :n] for i, n in enumerate(lengths)]
+            extras = {k: inputs[k] for k in _IMAGE_KEYS if k in inputs}
         texts = None
         if use_verifi:
             texts = []
-            if self.verifi_batch:
-                gens = self._generate(samples)
+            if split_images and per_images is not None:
+                gens = [g for x, e in zip(samples, per_images) for g in self._generate([x], e)]
             else:
-                gens = [g for x in samples for g in self._generate([x])]
+                gens = self._generate(samples, extras)
             for i, (x, gen) in enumerate(zip(samples, gens)):
                 texts.append(self._hf.tokenizer.decode(gen, skip_special_tokens=True))
                 samples[i], roles[i] = _append_tokens(x, roles[i], gen)
-        batch, mask, role_t = self._collate(samples, roles)
+        batch, mask, role_t = self._collate(samples, roles, extras)
         return PreparedBatch(inputs=batch, mask=mask, roles=role_t, texts=texts)
 
     @torch.no_grad()
@@ -733,24 +882,30 @@ class HFEncoder(Encoder):
         system_prompt: str | None = None,
         verifi: bool | None = None,
     ) -> EncoderFeatures:
-        """Encode a batch. ``system_prompt`` and ``verifi`` override the configured ones for
-        this call (e.g. at inference: a different rewrite instruction, or VERIFI on/off)."""
+        """Encode a batch; the result holds only the configured ``roles`` (left-aligned).
+
+        ``system_prompt`` and ``verifi`` override the configured ones for this call (e.g.
+        at inference: a different rewrite instruction, or VERIFI on/off; with the default
+        roles, VERIFI on keeps the generated tokens instead of the user's)."""
+        use_verifi = self.verifi if verifi is None else bool(verifi)
         prep = self.prepare(prompts, images, task=task, system_prompt=system_prompt, verifi=verifi)
         hidden = self.tapped_forward(prep.inputs)
         mask = prep.mask.to(hidden.device)
         hidden = hidden * mask[:, :, None, None].to(hidden.dtype)
-        return EncoderFeatures(
+        features = EncoderFeatures(
             hidden=hidden,
             mask=mask,
             roles=prep.roles.to(hidden.device),
             layer_ids=self.spec.layer_ids,
             texts=prep.texts,
         )
+        return self.select_kept(features, use_verifi)
 
-    def _generate(self, samples: list[dict[str, Any]]) -> list[Tensor]:
+    def _generate(self, samples: list[dict[str, Any]], extras: dict[str, Tensor]) -> list[Tensor]:
         """VERIFI rewrite: greedy/sampled generation for tokenized samples (left-padded batch).
 
-        Returns the generated token ids per sample, cut at the first EOS/pad.
+        ``extras`` are the image inputs of exactly these samples. Returns the generated
+        token ids per sample, cut at the first EOS/pad.
         """
         model = self.hf_model
         tok = self._hf.tokenizer
@@ -764,10 +919,7 @@ class HFEncoder(Encoder):
                 v = x[k][0]
                 rows.append(torch.cat([v.new_full((s - v.shape[0],), fill), v]))
             batch[k] = torch.stack(rows)
-        for k in ("pixel_values", "image_grid_thw", "image_sizes"):
-            parts = [x[k] for x in samples if k in x and x[k] is not None]
-            if parts:
-                batch[k] = torch.cat(parts)
+        batch.update(extras)
         inputs = self._model_inputs(batch)
         inputs.pop("use_cache", None)
         gen_kw: dict[str, Any] = dict(max_new_tokens=self.verifi_max_new_tokens, do_sample=self.verifi_do_sample)
@@ -793,6 +945,21 @@ class HFEncoder(Encoder):
 
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+#: processor / tokenizer attributes naming image and video placeholder texts (per family)
+_PLACEHOLDER_ATTRS = (
+    "image_token",  # LLaVA <image>, Qwen2-VL <|image_pad|>, InternVL <IMG_CONTEXT>, Gemma 3 <start_of_image>
+    "video_token",
+    "fake_image_token",
+    "boi_token",
+    "eoi_token",
+    "start_image_token",
+    "end_image_token",
+    "context_image_token",
+    "vision_start_token",
+    "vision_end_token",
+)
+#: processor outputs that belong to the images (concatenated over the batch in sample order)
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
 
 def _is_seq(k: str, v: Any) -> bool:
@@ -815,3 +982,52 @@ def _append_tokens(sample: dict[str, Any], roles: Tensor, gen: Tensor) -> tuple[
                 extra = torch.zeros((1, n), dtype=v.dtype)
             out[k] = torch.cat([v, extra], dim=1)
     return out, torch.cat([roles, torch.full((n,), int(TokenRole.GENERATED), dtype=torch.int8)])
+
+
+def _special_token_pattern(tokenizer: Any, processor: Any) -> re.Pattern[str] | None:
+    """A regex matching the special-token strings that must not survive in user text: the
+    tokenizer's special and added-special tokens plus the processor's image/video tokens."""
+    found: set[str] = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added.content))
+    for obj in (processor, tokenizer):
+        for name in _PLACEHOLDER_ATTRS:
+            value = getattr(obj, name, None) if obj is not None else None
+            if isinstance(value, str):
+                found.add(value)
+    # single characters and plain words cannot be broken up without changing ordinary text
+    found = {t for t in found if len(t.strip()) >= 2 and not t.strip().isalnum()}
+    if not found:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)))
+
+
+def _concat_images(per_images: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-sample image inputs -> the batch's (concatenated in sample order, as a batched call gives)."""
+    out: dict[str, Tensor] = {}
+    for k in _IMAGE_KEYS:
+        parts = [x[k] for x in per_images if k in x]
+        if parts:
+            out[k] = torch.cat(parts)
+    return out
+
+
+def _text_roles(offsets: Tensor, mask: Tensor, spans: list[tuple[int, int]], tails: list[int]) -> Tensor:
+    """``(B, S)`` roles from character offsets: ``USER_TEXT`` where a token overlaps the
+    user's words, ``SYSTEM`` for the other real tokens, ``PAD`` on padding.
+
+    The user's words are located from the end: the processor may expand image
+    placeholders (before the user text) but never changes the text after them, so the
+    user span is ``[E - tail - len(user), E - tail)`` with ``E`` the expanded length.
+    """
+    starts, ends = offsets[..., 0], offsets[..., 1]
+    end_total = torch.where(mask, ends, torch.zeros_like(ends)).amax(1) if ends.shape[1] else ends.new_zeros(len(spans))
+    ulen = torch.tensor([e - s for s, e in spans], dtype=ends.dtype)
+    u_end = end_total - torch.tensor(tails, dtype=ends.dtype)
+    u_start = u_end - ulen
+    user = (starts < u_end[:, None]) & (ends > u_start[:, None]) & (ends > starts) & (ulen > 0)[:, None] & mask
+    roles = torch.full(mask.shape, int(TokenRole.SYSTEM), dtype=torch.int8)
+    roles[user] = int(TokenRole.USER_TEXT)
+    roles[~mask] = int(TokenRole.PAD)
+    return roles

@@ -15,8 +15,8 @@ __all__ = ["ShapesBenchCallback"]
 
 class ShapesBenchCallback(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (and optionally at validation end), generate the
-    ShapesBench prompts with ``pl_module.generate(prompts=..., images=..., num_steps=...,
-    guidance=..., seed=...) -> (B, 3, H, W) in [0, 1]`` and log ``shapesbench/overall``,
+    ShapesBench prompts with ``pl_module.generate(prompts, images, steps=..., guidance=...,
+    seed=...) -> (B, 3, H, W) in [0, 1]`` (EMA weights) and log ``shapesbench/overall``,
     ``shapesbench/<category>`` and ``shapesbench/constraint_score`` to every logger (plus a
     sample grid to TensorBoard when ``log_images``). Runs on global rank 0 only; the module
     is put in eval mode and restored afterwards. ``last_result`` keeps the latest scores.
@@ -54,7 +54,7 @@ class ShapesBenchCallback(pl.Callback):
             if images is not None:
                 images = [[im.to(pl_module.device) for im in refs] for refs in images]
             out = pl_module.generate(  # type: ignore[operator]
-                prompts=prompts, images=images, num_steps=self.num_steps, guidance=self.guidance, seed=self.seed
+                prompts, images, steps=self.num_steps, guidance=self.guidance, seed=self.seed
             )
             return out.detach().float().cpu()
 

@@ -16,7 +16,7 @@ Benches and their options:
   batch_size=8, limit=None``.
 * ``recon`` — reconstruction of shapes-world scenes through ``generate_fn([""]*B, [[img]]*B)``:
   ``image_size=16, num_images=32, seed=0, batch_size=16, lpips_weights=None,
-  dreamsim_model=None``.
+  lpips_net="alex", dreamsim_model=None, ms_ssim_small="upsample"``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,16 @@ _OPTIONS: dict[str, set[str]] = {
     "shapes": {"image_size", "num_per_category", "seed", "batch_size", "baseline"},
     "dpg": {"csv", "limit", "judge", "judge_model", "judge_mode", "images_per_prompt", "batch_size"},
     "vqascore": {"prompts", "limit", "scorer", "model", "images_per_prompt", "batch_size"},
-    "recon": {"image_size", "num_images", "seed", "batch_size", "lpips_weights", "dreamsim_model", "ms_ssim_small"},
+    "recon": {
+        "image_size",
+        "num_images",
+        "seed",
+        "batch_size",
+        "lpips_weights",
+        "lpips_net",
+        "dreamsim_model",
+        "ms_ssim_small",
+    },
 }
 
 
@@ -157,8 +166,16 @@ def _vqascore(generate_fn: GenerateFn, opts: dict[str, Any]) -> dict[str, Any]:
 
 def _recon(generate_fn: GenerateFn, opts: dict[str, Any]) -> dict[str, Any]:
     from unifusion.data import shapes as sw
-    from unifusion.eval.recon import reconstruction_metrics
+    from unifusion.eval.recon import LPIPS, FeatureDistance, reconstruction_metrics
 
+    # load the learned metrics first: a wrong weights path fails before any image is generated
+    lpips_weights = opts.pop("lpips_weights", None)
+    if lpips_weights is not None and not isinstance(lpips_weights, LPIPS):
+        lpips_weights = LPIPS.from_checkpoint(lpips_weights, net=opts.pop("lpips_net", "alex"))
+    opts.pop("lpips_net", None)
+    dreamsim = opts.pop("dreamsim_model", None)
+    if dreamsim is not None and not isinstance(dreamsim, FeatureDistance):
+        dreamsim = FeatureDistance(dreamsim)
     size = int(opts.pop("image_size", 16))
     n = int(opts.pop("num_images", 32))
     rng = random.Random(f"recon-{int(opts.pop('seed', 0))}")
@@ -178,8 +195,8 @@ def _recon(generate_fn: GenerateFn, opts: dict[str, Any]) -> dict[str, Any]:
     metrics = reconstruction_metrics(
         pred,
         target,
-        lpips_weights=opts.pop("lpips_weights", None),
-        dreamsim_model=opts.pop("dreamsim_model", None),
+        lpips_weights=lpips_weights,
+        dreamsim_model=dreamsim,
         ms_ssim_small=opts.pop("ms_ssim_small", "upsample"),
     )
     return {**metrics, "num_images": n, "image_size": size}

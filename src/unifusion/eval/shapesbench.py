@@ -1,6 +1,6 @@
 """ShapesBench: a deterministic prompt-following benchmark in the synthetic shapes world.
 
-Prompts (fixed by ``seed``) fall into five categories, each with scene-graph constraints:
+Prompts (fixed by ``seed``) fall into six categories, each with scene-graph constraints:
 
 * ``single_object`` — "a red circle": an object of that colour and shape exists;
 * ``color_binding`` — "a red circle and a blue square": both bindings exist (a blue circle
@@ -8,6 +8,12 @@ Prompts (fixed by ``seed``) fall into five categories, each with scene-graph con
 * ``counting`` — "three green triangles": exactly that many;
 * ``relative_position`` — "a red circle to the left of a blue square": both exist and
   their centres are in that relation (by more than ``relation_margin`` of the side);
+* ``held_out`` — exactly the compositions the training generator never produces
+  (:data:`unifusion.data.shapes.HELD_OUT`): colour–shape pairs ("a red triangle", whose
+  colour and shape are each seen with others) and arrangements of two seen objects ("a
+  blue circle to the left of a green square", only ever seen the other way round). No
+  prompt of another category names or shows one, so this category measures
+  generalisation and the others in-distribution prompt following;
 * ``editing`` — source scene (reference image) + instruction; the result must contain
   every object of the expected target scene with its colour, shape and 3x3 grid cell
   (and size for a resize edit), and no extra objects.
@@ -32,12 +38,21 @@ Scoring parses each image back into objects, with no training and no network:
 
 ``bench.score(bench.target_images())`` is ~100% and shuffled prompt/image pairs score
 near chance (see ``tests/test_eval_shapesbench.py``).
+
+Reporting: every category's accuracy comes with a 95 % percentile-bootstrap interval over
+its prompts (``ci_low``/``ci_high``; seeded, so the same scores give the same interval).
+``overall`` is the macro mean over categories; ``overall_all`` and ``overall_no_editing``
+are both always reported, and ``overall`` is the latter (``overall_note`` says so) when
+the checkpoint never trained on edits (``trained_on_edits=False``; see
+:func:`trained_on_edits_from_run`). ``run_shapesbench(..., baseline=True)`` adds the
+unconditional baseline (empty prompts) as ``result["baseline"]``.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -54,12 +69,25 @@ __all__ = [
     "DetectedObject",
     "ShapeParser",
     "ShapesBench",
+    "baseline_summary",
+    "bootstrap_means",
     "flatten_scores",
+    "percentile_ci",
     "run_shapesbench",
+    "summarize",
+    "trained_on_edits_from_config",
+    "trained_on_edits_from_run",
     "unconditional_baseline",
 ]
 
-CATEGORIES: tuple[str, ...] = ("single_object", "color_binding", "counting", "relative_position", "editing")
+CATEGORIES: tuple[str, ...] = (
+    "single_object",
+    "color_binding",
+    "counting",
+    "relative_position",
+    "held_out",
+    "editing",
+)
 _NUM_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 _RELATIONS = {"left_of": "to the left of", "right_of": "to the right of", "above": "above", "below": "below"}
 
@@ -441,58 +469,76 @@ def _cells(rng: random.Random, k: int) -> list[tuple[int, int]]:
     return rng.sample([(r, c) for r in range(sw.GRID) for c in range(sw.GRID)], k)
 
 
+def _relation_cells(rng: random.Random, rel: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Cells of objects a and b on one grid line with a ``rel`` b."""
+    line = rng.randrange(sw.GRID)
+    i, j = sorted(rng.sample(range(sw.GRID), 2))
+    if rel == "left_of":
+        return (line, i), (line, j)
+    if rel == "right_of":
+        return (line, j), (line, i)
+    if rel == "above":
+        return (i, line), (j, line)
+    return (j, line), (i, line)
+
+
+def _pair_cons(c: str, s: str, op: str = ">=", n: int = 1) -> dict[str, Any]:
+    return {"type": "count", "color": c, "shape": s, "op": op, "n": n}
+
+
 def _make_item(
-    category: str, rng: random.Random, shapes: Sequence[str], colors: Sequence[str]
+    category: str,
+    rng: random.Random,
+    shapes: Sequence[str],
+    colors: Sequence[str],
+    held_out: sw.HeldOut | None = None,
 ) -> tuple[str, sw.Scene, list[dict[str, Any]], list[sw.Scene], dict[str, Any]]:
+    """One prompt of an in-distribution category; it never names or shows a ``held_out`` composition
+    (a draw that would is made again, so prompts that never touch one are unchanged)."""
     sizes = list(sw.SIZES)
+    ho = held_out if held_out is not None else sw.HeldOut()
     if category == "single_object":
-        c, s = rng.choice(colors), rng.choice(shapes)
+        while True:
+            c, s = rng.choice(colors), rng.choice(shapes)
+            if (c, s) not in ho.pairs:
+                break
         scene = sw.Scene([_obj(c, s, rng.choice(sizes), _cells(rng, 1)[0])])
-        return _describe(c, s), scene, [{"type": "count", "color": c, "shape": s, "op": ">=", "n": 1}], [], {}
+        return _describe(c, s), scene, [_pair_cons(c, s)], [], {}
     if category == "color_binding":
-        c1, c2 = rng.sample(list(colors), 2)
-        s1, s2 = rng.sample(list(shapes), 2) if len(shapes) >= 2 else (shapes[0], shapes[0])
-        cells = _cells(rng, 2)
-        scene = sw.Scene([_obj(c1, s1, rng.choice(sizes), cells[0]), _obj(c2, s2, rng.choice(sizes), cells[1])])
-        cons = [
-            {"type": "count", "color": c1, "shape": s1, "op": ">=", "n": 1},
-            {"type": "count", "color": c2, "shape": s2, "op": ">=", "n": 1},
-        ]
+        while True:
+            c1, c2 = rng.sample(list(colors), 2)
+            s1, s2 = rng.sample(list(shapes), 2) if len(shapes) >= 2 else (shapes[0], shapes[0])
+            cells = _cells(rng, 2)
+            scene = sw.Scene([_obj(c1, s1, rng.choice(sizes), cells[0]), _obj(c2, s2, rng.choice(sizes), cells[1])])
+            if ho.allows(scene.objects):
+                break
+        cons = [_pair_cons(c1, s1), _pair_cons(c2, s2)]
         return f"{_describe(c1, s1)} and {_describe(c2, s2)}", scene, cons, [], {}
     if category == "counting":
         n = rng.choice([2, 3, 4])
-        c, s, size = rng.choice(colors), rng.choice(shapes), rng.choice(sizes)
+        while True:
+            c, s, size = rng.choice(colors), rng.choice(shapes), rng.choice(sizes)
+            if (c, s) not in ho.pairs:
+                break
         scene = sw.Scene([_obj(c, s, size, cell) for cell in _cells(rng, n)])
-        cons = [{"type": "count", "color": c, "shape": s, "op": "==", "n": n}]
-        return f"{_NUM_WORDS[n]} {c} {_plural(s)}", scene, cons, [], {"n": n}
+        return f"{_NUM_WORDS[n]} {c} {_plural(s)}", scene, [_pair_cons(c, s, "==", n)], [], {"n": n}
     if category == "relative_position":
         rel = rng.choice(list(_RELATIONS))
-        line = rng.randrange(sw.GRID)
-        i, j = sorted(rng.sample(range(sw.GRID), 2))
-        if rel == "left_of":
-            ca, cb = (line, i), (line, j)
-        elif rel == "right_of":
-            ca, cb = (line, j), (line, i)
-        elif rel == "above":
-            ca, cb = (i, line), (j, line)
-        else:
-            ca, cb = (j, line), (i, line)
+        ca, cb = _relation_cells(rng, rel)
         while True:
             c1, c2 = rng.choice(colors), rng.choice(colors)
             s1, s2 = rng.choice(shapes), rng.choice(shapes)
-            if (c1, s1) != (c2, s2):
+            if (c1, s1) != (c2, s2) and ho.allows([_obj(c1, s1, "small", ca), _obj(c2, s2, "small", cb)]):
                 break
         scene = sw.Scene([_obj(c1, s1, rng.choice(sizes), ca), _obj(c2, s2, rng.choice(sizes), cb)])
         a, b = {"color": c1, "shape": s1}, {"color": c2, "shape": s2}
-        cons = [
-            {"type": "count", **a, "op": ">=", "n": 1},
-            {"type": "count", **b, "op": ">=", "n": 1},
-            {"type": "relation", "a": a, "b": b, "rel": rel},
-        ]
+        cons = [_pair_cons(c1, s1), _pair_cons(c2, s2), {"type": "relation", "a": a, "b": b, "rel": rel}]
         return f"{_describe(c1, s1)} {_RELATIONS[rel]} {_describe(c2, s2)}", scene, cons, [], {"rel": rel}
     if category == "editing":
-        source = sw.random_scene(rng, 1, 3, shapes=shapes, colors=colors)
-        instruction, target, record = sw.make_edit(source, rng, max_objects=4, shapes=shapes, colors=colors)
+        source = sw.random_scene(rng, 1, 3, shapes=shapes, colors=colors, held_out=ho)
+        instruction, target, record = sw.make_edit(
+            source, rng, max_objects=4, shapes=shapes, colors=colors, held_out=ho
+        )
         cons: list[dict[str, Any]] = [{"type": "total", "n": len(target.objects)}]
         for idx, o in enumerate(target.objects):
             con: dict[str, Any] = {"type": "object", "color": o.color, "shape": o.shape, "cell": list(o.cell)}
@@ -500,7 +546,36 @@ def _make_item(
                 con["size"] = o.size_name
             cons.append(con)
         return instruction, target, cons, [source], {"edit": record}
+    if category == "held_out":
+        raise ValueError("ShapesBench: held_out items are made by _held_out_item")
     raise ValueError(f"unknown ShapesBench category {category!r}; valid: {', '.join(CATEGORIES)}")
+
+
+def _held_out_item(
+    n: int, rng: random.Random, held_out: sw.HeldOut
+) -> tuple[str, sw.Scene, list[dict[str, Any]], list[sw.Scene], dict[str, Any]]:
+    """Prompt ``n`` of the ``held_out`` category: the compositions in turn (a pair as a single
+    object, a relation alternately in both phrasings), each in a fresh random arrangement."""
+    comps: list[tuple[str, Any]] = [("pair", p) for p in held_out.pairs] + [("relation", r) for r in held_out.relations]
+    kind, comp = comps[n % len(comps)]
+    sizes = list(sw.SIZES)
+    if kind == "pair":
+        c, s = comp
+        scene = sw.Scene([_obj(c, s, rng.choice(sizes), _cells(rng, 1)[0])])
+        return _describe(c, s), scene, [_pair_cons(c, s)], [], {"held_out": held_out.pair_name(comp), "kind": kind}
+    a, rel, b = comp
+    name = held_out.relation_name(a, rel, b)
+    if (n // len(comps)) % 2 == 1:  # "B right of A" is the same arrangement as "A left of B"
+        a, rel, b = b, sw.inverse_relation(rel), a
+    ca, cb = _relation_cells(rng, rel)
+    scene = sw.Scene([_obj(*a, rng.choice(sizes), ca), _obj(*b, rng.choice(sizes), cb)])
+    cons = [
+        _pair_cons(*a),
+        _pair_cons(*b),
+        {"type": "relation", "a": {"color": a[0], "shape": a[1]}, "b": {"color": b[0], "shape": b[1]}, "rel": rel},
+    ]
+    prompt = f"{_describe(*a)} {_RELATIONS[rel]} {_describe(*b)}"
+    return prompt, scene, cons, [], {"held_out": name, "kind": kind, "rel": rel}
 
 
 def _check(con: dict[str, Any], objs: Sequence[DetectedObject], margin: float) -> bool:
@@ -544,9 +619,12 @@ class ShapesBench:
     Args:
         image_size: side of reference/ground-truth renders (generated images may be any size).
         num_per_category: prompts per category.
-        seed: the prompt set is a pure function of (seed, categories, shapes, colors, num).
+        seed: the prompt set is a pure function of (seed, categories, shapes, colors, num, held_out).
         shapes/colors: the generator's vocabulary (defaults: the shapes world's).
         relation_margin: centres must differ by this fraction of the side for a relation.
+        held_out: the compositions the training data never contains (default: the generator's
+            :data:`unifusion.data.shapes.HELD_OUT`): the ``held_out`` category asks for exactly
+            these, and no prompt of another category names or shows one.
     """
 
     def __init__(
@@ -558,6 +636,7 @@ class ShapesBench:
         shapes: Sequence[str] = sw.SHAPES,
         colors: Sequence[str] | None = None,
         relation_margin: float = 0.1,
+        held_out: sw.HeldOut | None = sw.HELD_OUT,
     ) -> None:
         unknown = [c for c in categories if c not in CATEGORIES]
         if unknown:
@@ -569,13 +648,22 @@ class ShapesBench:
         self.shapes = tuple(shapes)
         self.colors = list(colors) if colors is not None else list(sw.COLORS)
         self.relation_margin = float(relation_margin)
+        self.held_out = (held_out or sw.HeldOut()).within(self.shapes, self.colors)
+        if "held_out" in self.categories and not self.held_out.names():
+            raise ValueError(
+                "ShapesBench: the held_out category needs held-out compositions within the vocabulary "
+                f"(shapes {list(self.shapes)}, colors {self.colors}); drop the category or pass held_out="
+            )
         palette = {c: sw.ALL_COLORS[c] for c in self.colors}
         self.parser = ShapeParser(shapes=self.shapes, colors=palette)
         self.prompts: list[BenchItem] = []
         for cat in self.categories:
             rng = random.Random(f"shapesbench-{self.seed}-{cat}")
             for n in range(self.num_per_category):
-                prompt, target, cons, refs, meta = _make_item(cat, rng, self.shapes, self.colors)
+                if cat == "held_out":
+                    prompt, target, cons, refs, meta = _held_out_item(n, rng, self.held_out)
+                else:
+                    prompt, target, cons, refs, meta = _make_item(cat, rng, self.shapes, self.colors, self.held_out)
                 self.prompts.append(
                     BenchItem(
                         id=f"{cat}-{n:03d}",
@@ -610,35 +698,133 @@ class ShapesBench:
             "detected": [f"{o.size_name} {o.color} {o.shape} @{o.cell}" for o in objs],
         }
 
-    def score(self, images: Sequence[np.ndarray | Tensor] | Tensor, with_items: bool = False) -> dict[str, Any]:
+    def score(
+        self,
+        images: Sequence[np.ndarray | Tensor] | Tensor,
+        with_items: bool = False,
+        trained_on_edits: bool | None = None,
+        num_bootstrap: int = 1000,
+        ci: float = 0.95,
+        bootstrap_seed: int = 0,
+    ) -> dict[str, Any]:
         """Score one image per prompt (in ``self.prompts`` order).
 
-        Returns ``{"overall": macro accuracy, "overall_micro", "constraint_score",
-        "categories": {cat: {"accuracy", "constraint_score", "n"}}}`` (+ ``"items"``).
+        Returns ``{"overall", "overall_micro", "constraint_score", "categories": {cat:
+        {"accuracy", "constraint_score", "n", "ci_low", "ci_high"}}, ...}`` (+ ``"items"``).
+        ``ci_low``/``ci_high`` are a ``ci`` percentile-bootstrap interval over prompts
+        (``num_bootstrap`` resamples, seeded by ``bootstrap_seed`` and the category name:
+        the same scores always give the same interval).
+
+        ``overall`` is the macro mean over categories; with ``trained_on_edits=False`` it
+        leaves out ``editing`` (a model that never saw an edit sample scores ~0 there by
+        construction, which would only dilute the comparison) and ``overall_note`` says so.
+        Both variants are always reported: ``overall_all`` (every category) and
+        ``overall_no_editing``, each with ``*_ci_low``/``*_ci_high`` (the bootstrap resamples
+        prompts within each category).
         """
         if isinstance(images, Tensor) and images.ndim == 4:
             images = list(images)
         if len(images) != len(self.prompts):
             raise ValueError(f"ShapesBench.score: {len(images)} images for {len(self.prompts)} prompts")
         items = [self.score_item(it, im) for it, im in zip(self.prompts, images)]
-        cats: dict[str, dict[str, float]] = {}
-        for cat in self.categories:
-            rows = [r for r in items if r["category"] == cat]
-            if rows:
-                cats[cat] = {
-                    "accuracy": float(np.mean([r["correct"] for r in rows])),
-                    "constraint_score": float(np.mean([r["constraint_score"] for r in rows])),
-                    "n": float(len(rows)),
-                }
-        out: dict[str, Any] = {
-            "overall": float(np.mean([c["accuracy"] for c in cats.values()])) if cats else float("nan"),
-            "overall_micro": float(np.mean([r["correct"] for r in items])) if items else float("nan"),
-            "constraint_score": float(np.mean([r["constraint_score"] for r in items])) if items else float("nan"),
-            "categories": cats,
-        }
+        for it, row in zip(self.prompts, items):
+            if "held_out" in it.meta:
+                row["held_out"], row["held_out_kind"] = it.meta["held_out"], it.meta["kind"]
+        out = summarize(items, self.categories, trained_on_edits, num_bootstrap, ci, bootstrap_seed)
         if with_items:
             out["items"] = items
         return out
+
+
+def _seed_of(name: str, seed: int) -> int:
+    # a stable per-category stream (Python's hash() of a str changes between processes)
+    return (zlib.crc32(name.encode()) + 1_000_003 * int(seed)) % 2**32
+
+
+def bootstrap_means(values: Sequence[float] | np.ndarray, num_bootstrap: int = 1000, seed: int = 0) -> np.ndarray:
+    """``num_bootstrap`` means of ``values`` resampled with replacement (seeded, deterministic)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return np.full(num_bootstrap, np.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.size, size=(num_bootstrap, v.size))
+    return v[idx].mean(axis=1)
+
+
+def percentile_ci(replicates: np.ndarray, ci: float = 0.95) -> tuple[float, float]:
+    """Two-sided percentile interval of bootstrap replicates."""
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    r = np.asarray(replicates, dtype=np.float64)
+    if r.size == 0 or np.isnan(r).all():
+        return float("nan"), float("nan")
+    lo, hi = np.nanpercentile(r, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(
+    items: Sequence[dict[str, Any]],
+    categories: Sequence[str] = CATEGORIES,
+    trained_on_edits: bool | None = None,
+    num_bootstrap: int = 1000,
+    ci: float = 0.95,
+    bootstrap_seed: int = 0,
+) -> dict[str, Any]:
+    """Aggregate per-item rows (``category``, ``correct``, ``constraint_score``) into the
+    :meth:`ShapesBench.score` result (per-category accuracy with bootstrap CIs, both overalls)."""
+    cats: dict[str, dict[str, float]] = {}
+    reps: dict[str, np.ndarray] = {}
+    for cat in categories:
+        rows = [r for r in items if r["category"] == cat]
+        if not rows:
+            continue
+        correct = [float(r["correct"]) for r in rows]
+        reps[cat] = bootstrap_means(correct, num_bootstrap, _seed_of(cat, bootstrap_seed))
+        lo, hi = percentile_ci(reps[cat], ci)
+        cats[cat] = {
+            "accuracy": float(np.mean(correct)),
+            "constraint_score": float(np.mean([r["constraint_score"] for r in rows])),
+            "n": float(len(rows)),
+            "ci_low": lo,
+            "ci_high": hi,
+        }
+    out: dict[str, Any] = {}
+
+    def macro(name: str, keep: list[str]) -> None:
+        if not keep:
+            out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float("nan"), float("nan"), float("nan")
+            return
+        out[name] = float(np.mean([cats[c]["accuracy"] for c in keep]))
+        # stratified: each category's prompts are resampled on their own, then macro-averaged
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = percentile_ci(np.mean([reps[c] for c in keep], axis=0), ci)
+
+    macro("overall_all", list(cats))
+    macro("overall_no_editing", [c for c in cats if c != "editing"])
+    exclude = trained_on_edits is False and "editing" in cats and len(cats) > 1
+    chosen = "overall_no_editing" if exclude else "overall_all"
+    result: dict[str, Any] = {
+        "overall": out[chosen],
+        "overall_ci_low": out[f"{chosen}_ci_low"],
+        "overall_ci_high": out[f"{chosen}_ci_high"],
+        "overall_excludes": ["editing"] if exclude else [],
+        "overall_note": (
+            "editing excluded from overall: the checkpoint never trained on edit samples" if exclude else ""
+        ),
+        "overall_micro": float(np.mean([r["correct"] for r in items])) if items else float("nan"),
+        "constraint_score": float(np.mean([r["constraint_score"] for r in items])) if items else float("nan"),
+        **out,
+        "ci": float(ci),
+        "num_bootstrap": int(num_bootstrap),
+        "categories": cats,
+    }
+    kinds = {}
+    for kind in ("pair", "relation"):
+        rows = [r for r in items if r["category"] == "held_out" and r.get("held_out_kind") == kind]
+        if rows:
+            kinds[kind] = float(np.mean([r["correct"] for r in rows]))
+    if kinds:
+        result["held_out_kinds"] = kinds
+    return result
 
 
 def flatten_scores(result: dict[str, Any], prefix: str = "shapesbench") -> dict[str, float]:
@@ -672,25 +858,85 @@ def _generate_all(
 
 
 def run_shapesbench(
-    generate_fn: GenerateFn, bench: ShapesBench, batch_size: int = 16, return_images: bool = False
+    generate_fn: GenerateFn,
+    bench: ShapesBench,
+    batch_size: int = 16,
+    return_images: bool = False,
+    trained_on_edits: bool | None = None,
+    baseline: bool = False,
 ) -> dict[str, Any]:
     """Generate one image per prompt and score it.
 
     ``generate_fn(prompts, images) -> (B, 3, H, W)`` in [0, 1]; text-to-image and editing
     prompts are never mixed in a batch (``images`` is ``None`` for text-to-image and one
-    ``[source]`` list per sample for editing).
+    ``[source]`` list per sample for editing). ``trained_on_edits``: see
+    :meth:`ShapesBench.score`. ``baseline=True`` also scores the unconditional baseline
+    (:func:`unconditional_baseline`) and adds it as ``result["baseline"]`` =
+    ``{"overall", "overall_all", "overall_no_editing", <category>: accuracy, ...}``.
     """
     imgs = _generate_all(generate_fn, bench, batch_size, empty_prompts=False, keep_images=True)
-    result = bench.score(imgs, with_items=True)
+    result = bench.score(imgs, with_items=True, trained_on_edits=trained_on_edits)
+    for it, row in zip(bench.prompts, result["items"]):
+        row["prompt"] = it.prompt
+    if baseline:
+        base = unconditional_baseline(generate_fn, bench, batch_size=batch_size, trained_on_edits=trained_on_edits)
+        result["baseline"] = baseline_summary(base)
     if return_images:
         result["images"] = imgs
     return result
 
 
+def baseline_summary(base: dict[str, Any]) -> dict[str, float]:
+    """The flat ``baseline`` block of a result: overalls and per-category accuracy."""
+    keys = ("overall", "overall_all", "overall_no_editing")
+    return {
+        **{k: float(base[k]) for k in keys if k in base},
+        **{c: v["accuracy"] for c, v in base["categories"].items()},
+    }
+
+
 def unconditional_baseline(
-    generate_fn: GenerateFn, bench: ShapesBench, batch_size: int = 16, keep_images: bool = False
+    generate_fn: GenerateFn,
+    bench: ShapesBench,
+    batch_size: int = 16,
+    keep_images: bool = False,
+    trained_on_edits: bool | None = None,
 ) -> dict[str, Any]:
     """Same as :func:`run_shapesbench` with empty prompts (and, by default, no reference images):
     the score a model gets without following the prompt — the floor to compare against."""
     imgs = _generate_all(generate_fn, bench, batch_size, empty_prompts=True, keep_images=keep_images)
-    return bench.score(imgs, with_items=True)
+    return bench.score(imgs, with_items=True, trained_on_edits=trained_on_edits)
+
+
+def trained_on_edits_from_config(config: dict[str, Any]) -> bool | None:
+    """Did a run with this merged config (``config.yaml`` of a run) train on edit samples?
+
+    True when a training data source has ``task: edit``; False when the sources are known
+    and none has; None when the config has no readable ``data.init_args.sources``.
+    """
+    data = config.get("data") if isinstance(config, dict) else None
+    args = data.get("init_args", data) if isinstance(data, dict) else None
+    sources = args.get("sources") if isinstance(args, dict) else None
+    if not isinstance(sources, list):
+        return None
+    return any(isinstance(s, dict) and s.get("task") == "edit" and float(s.get("weight", 1.0)) > 0 for s in sources)
+
+
+def trained_on_edits_from_run(ckpt_or_run_dir: str) -> bool | None:
+    """:func:`trained_on_edits_from_config` for the run a checkpoint belongs to: reads the
+    ``config.yaml`` that ``unifusion fit`` saves in the run folder (``<run>/checkpoints/x.ckpt``
+    or ``<run>``). Plain YAML, nothing is unpickled; None when there is no such file."""
+    import os
+
+    import yaml
+
+    path = os.path.abspath(ckpt_or_run_dir)
+    candidates = [path] if os.path.isdir(path) else []
+    d = os.path.dirname(path)
+    candidates += [d, os.path.dirname(d)]
+    for c in candidates:
+        cfg = os.path.join(c, "config.yaml")
+        if os.path.isfile(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                return trained_on_edits_from_config(yaml.safe_load(f) or {})
+    return None
