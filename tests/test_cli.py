@@ -200,3 +200,19 @@ def test_tiny_vae_overlay_trains_in_latent_space_through_the_cli(in_shared_dir, 
     assert images.shape == (1, 3, 16, 16)
     samples = glob.glob(os.path.join(run_dir, "samples", "*.png"))
     assert samples, "the sample grid (decoded through the VAE) was not written"
+
+
+def test_repository_root_does_not_shadow_installed_packages():
+    """Commands run from the repository root (`python -m unifusion.cli`, `python -m pytest`) put
+    it first on sys.path; a top-level folder there named like a dependency's import name (the
+    kernels used to live in ./kernels, which hid Hugging Face's `kernels` package that
+    transformers >= 5.2x imports) breaks `transformers` and `diffusers` at import time."""
+    code = "import transformers.modeling_utils, diffusers.loaders.peft, unifusion.kernels; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    shadowing = [
+        name
+        for name in os.listdir(ROOT)
+        if os.path.isdir(os.path.join(ROOT, name, "")) and os.path.isfile(os.path.join(ROOT, name, "__init__.py"))
+    ]
+    assert not shadowing, f"importable top-level folders in the repository root: {shadowing}"

@@ -320,9 +320,9 @@ def test_bad_ckpt_files_give_one_clear_line(kind, tmp_path, trained):
 
 
 def test_pickle_module_is_never_used_by_the_loaders():
-    """Guard: no loader in src/ or kernels/ asks torch.load for arbitrary objects."""
+    """Guard: no loader in src/ (kernels included) asks torch.load for arbitrary objects."""
     offenders = []
-    for folder in ("src", "kernels"):
+    for folder in ("src",):
         for path in glob.glob(os.path.join(ROOT, folder, "**", "*.py"), recursive=True):
             text = open(path, encoding="utf-8").read()
             if "weights_only=False" in text or "pickle.load(" in text:

@@ -64,7 +64,9 @@ class UniFusionModel(pl.LightningModule):
         aux_losses: UniAlignment-style auxiliary objectives, built with the specs like the
             conditioner (``class_path: unifusion.alignment.AlignmentLosses`` +
             ``init_args: {contrastive: 0.05, repa: 0.1}``); ``repa`` needs the live VLM.
-        compile: ``torch.compile`` the DiT in place (``module.compile()``, state-dict keys unchanged).
+        compile: ``torch.compile`` parts in place at the start of fit (``module.compile()``, state-dict
+            keys unchanged): ``true`` = the DiT and the refiner, or a list of part names. LAP
+            is faster eager on CPU (it skips padded tokens, which compiled code computes).
     """
 
     def __init__(
@@ -86,7 +88,7 @@ class UniFusionModel(pl.LightningModule):
         init_prefixes: list[str] | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         aux_losses: Callable[[EncoderSpec, BackboneSpec], AlignmentLosses] | None = None,
-        compile: bool = False,
+        compile: bool | list[Literal["backbone", "refiner", "conditioner"]] = False,
     ) -> None:
         super().__init__()
         # Under LightningCLI the given hparams are the full class-path config (plain data), which
@@ -128,7 +130,7 @@ class UniFusionModel(pl.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.ema_decay = ema_decay
         self.ema: EMA | None = EMA(self.trainable, ema_decay) if ema_decay > 0 else None
-        self.compile_backbone = compile
+        self.compile_parts: list[str] = ["backbone", "refiner"] if compile is True else list(compile or [])
         self.init_report: dict[str, list[str]] | None = None
         self.skipped_nonfinite = 0
         if init_from:
@@ -221,8 +223,10 @@ class UniFusionModel(pl.LightningModule):
         return self.backbone(x, t, cond)
 
     def on_fit_start(self) -> None:
-        if self.compile_backbone:
-            self.backbone.compile()
+        for name in self.compile_parts:
+            part = getattr(self, name, None)
+            if part is not None:
+                part.compile()
         from unifusion.kernels.dispatch import interpreter_active
 
         if self.pipeline.kernel_impl == "triton" and interpreter_active() and self.device.type == "cpu":

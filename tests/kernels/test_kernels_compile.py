@@ -42,6 +42,7 @@ def test_fp16_fp32_attention_compile():
 def test_compiles_after_an_interpreted_launch(monkeypatch):
     # the interpreter leaves triton.language patched; compile_specs then compiles in a fresh process
     import torch
+
     from unifusion.kernels import layer_pool
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import ALL_DTYPES
+
 from unifusion.kernels import layer_pool, layer_pool_reference
 
 pytestmark = pytest.mark.kernels

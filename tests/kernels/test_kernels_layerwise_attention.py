@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import ALL_DTYPES, CPU_DTYPES
+
 from unifusion.kernels import layerwise_attention, layerwise_attention_reference, use_impl
 
 pytestmark = pytest.mark.kernels

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import ALL_DTYPES
+
 from unifusion.kernels import swiglu, swiglu_reference
 
 pytestmark = pytest.mark.kernels

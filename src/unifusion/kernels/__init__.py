@@ -18,21 +18,11 @@ without a GPU (registers, spills). Tests run the kernels on CPU under
 (see ``_triton_utils.lazy_jit``).
 """
 
-import importlib as _importlib
-import sys as _sys
-
-if __name__ != "unifusion.kernels":
-    # Imported by path as a top-level ``kernels`` package: transformers/diffusers probe for
-    # Hugging Face's ``kernels`` package by importing that name, which finds this folder when
-    # the repository root is on sys.path (``python -m pytest`` from the root). A second copy
-    # would register the torch.library ops again and keep its own state; alias the real one.
-    _sys.modules[__name__] = _importlib.import_module("unifusion.kernels")
-else:
-    from .dispatch import IMPLS, get_impl, resolve_impl, set_impl, use_impl
-    from .layer_pool import layer_pool, layer_pool_reference
-    from .layerwise_attention import layerwise_attention, layerwise_attention_reference
-    from .rms_norm import rms_norm, rms_norm_reference
-    from .swiglu import swiglu, swiglu_reference
+from .dispatch import IMPLS, get_impl, resolve_impl, set_impl, use_impl
+from .layer_pool import layer_pool, layer_pool_reference
+from .layerwise_attention import layerwise_attention, layerwise_attention_reference
+from .rms_norm import rms_norm, rms_norm_reference
+from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "IMPLS",
