@@ -207,6 +207,30 @@ def test_export_command_round_trip_is_bit_identical(trained, workdir, tmp_path):
     assert torch.equal(c, a[:1]) or torch.allclose(c, a[:1], atol=1e-6)
 
 
+def test_export_model_card_carries_the_shapesbench_result_of_the_run(trained, workdir, tmp_path):
+    """`unifusion eval shapes --out <run>/eval` then `unifusion export`: the card has the scores."""
+    run_dir = os.path.dirname(os.path.dirname(trained))
+    result = {
+        "overall": 0.4,
+        "overall_ci_low": 0.3,
+        "overall_ci_high": 0.5,
+        "overall_note": "editing excluded from overall: the checkpoint never trained on edit samples",
+        "categories": {"single_object": {"accuracy": 0.9}, "counting": {"accuracy": 0.1}},
+    }
+    os.makedirs(os.path.join(run_dir, "eval_card"), exist_ok=True)
+    with open(os.path.join(run_dir, "eval_card", "shapes.json"), "w") as f:
+        json.dump(result, f)
+    out = tmp_path / "carded"
+    proc = _run(["export", "--ckpt", trained, "--out", str(out)], workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = (out / "README.md").read_text()
+    assert "## ShapesBench" in card and "| single_object | 0.900 |" in card and "| overall | 0.400 |" in card
+    assert "editing excluded" in card
+    config = json.loads((out / "config.json").read_text())
+    assert config["encoder_reference"]["revision"] is None  # a local folder: no hub revision
+    assert config["training"]["trained_on_edits"] is False
+
+
 def test_generate_with_model_and_ckpt_give_the_same_png(trained, workdir, tmp_path):
     out = tmp_path / "exp"
     assert _run(["export", "--ckpt", trained, "--out", str(out)], workdir).returncode == 0
@@ -217,6 +241,28 @@ def test_generate_with_model_and_ckpt_give_the_same_png(trained, workdir, tmp_pa
     assert a.read_bytes() == b.read_bytes()
     sidecar = json.loads(a.with_suffix(".json").read_text())
     assert sidecar["upscale"] == 1 and sidecar["weights"] == "ema" and sidecar["spacing"] == "flux"
+
+
+def test_readme_python_snippet_loads_an_exported_folder_and_generates(trained, workdir, tmp_path):
+    """The README's plain-Python snippet ("Save, share and load a model"), run as written on
+    the run's own exported folder (RUN/pipeline, written at the end of fit)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Save, share and load a model", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    snippet = next(b for b in blocks if "UniFusionPipeline.from_pretrained" in b)
+    run_export = os.path.join(os.path.dirname(os.path.dirname(trained)), "pipeline")
+    assert '"runs/quickstart/pipeline"' in snippet
+    code = snippet.replace('"runs/quickstart/pipeline"', repr(run_export))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "red_circle.png").size == (128, 128)
+    copy = UniFusionPipeline.from_pretrained(str(tmp_path / "copy_of_model"))
+    _assert_no_pickles(tmp_path / "copy_of_model")
+    original = UniFusionPipeline.from_pretrained(run_export)
+    a = original.generate(["a red circle"], seed=0, output_type="pt").images
+    assert torch.equal(a, copy.generate(["a red circle"], seed=0, output_type="pt").images)
 
 
 def _assert_no_pickles(folder) -> None:

@@ -513,12 +513,26 @@ def _paths_summary(what: str, paths: list[str], sidecars: bool = True) -> str:
 
 
 def _eval_summary(bench: str, out: str, result: dict[str, Any]) -> str:
+    files = ", ".join(os.path.join(out, f"{bench}.{ext}") for ext in ("json", "csv"))
+    if bench == "shapes" and isinstance(result.get("categories"), dict):
+        cats = ", ".join(f"{c} {_short(v['accuracy'])}" for c, v in result["categories"].items())
+        if result.get("overall_note"):
+            note = f" ({result['overall_note']})"
+        elif result.get("trained_on_edits") is None and "editing" in result["categories"]:
+            note = " (editing included: the model does not record whether it trained on edits)"
+        else:
+            note = ""
+        base = result.get("baseline") or {}
+        floor = f"; unconditional baseline {_short(base['overall'])}" if "overall" in base else ""
+        return (
+            f"eval shapes: overall {_short(result['overall'])} [95% CI {_short(result['overall_ci_low'])}, "
+            f"{_short(result['overall_ci_high'])}]{note}; {cats}{floor}; wrote {files} (TensorBoard: {out})"
+        )
     headline = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     base = result.get("baseline")
     if isinstance(base, dict) and isinstance(base.get("overall"), (int, float)):
         headline["baseline_overall"] = base["overall"]
     numbers = ", ".join(f"{k}={_short(v)}" for k, v in list(headline.items())[:8]) or "no scalar results"
-    files = ", ".join(os.path.join(out, f"{bench}.{ext}") for ext in ("json", "csv"))
     return f"eval {bench}: {numbers}; wrote {files} (TensorBoard: {out})"
 
 

@@ -183,6 +183,9 @@ def run_eval(
     if bench in ("shapes", "recon"):
         options.setdefault("image_size", pipeline.image_size)
         options.setdefault("seed", seed)
+    if bench == "shapes":
+        # known for models exported by `unifusion fit` / checkpoints beside their run's config.yaml
+        options.setdefault("trained_on_edits", (getattr(pipeline, "provenance", None) or {}).get("trained_on_edits"))
     result = eval_command(bench, generate_fn, out, **options)
     writer = SummaryWriter(out)
     try:

@@ -26,7 +26,7 @@ from unifusion.autoencoders import Autoencoder, LatentSpec
 from unifusion.conditioners.base import BackboneSpec, Conditioner, Conditioning
 from unifusion.ema import EMA
 from unifusion.encoders.base import Encoder, images_to_list
-from unifusion.errors import CheckpointError
+from unifusion.errors import CheckpointError, UserError
 from unifusion.features import EncoderFeatures, EncoderSpec
 from unifusion.flow import RectifiedFlow
 from unifusion.pipeline import COMPONENTS, IMAGE_ROLES, SamplingConfig, UniFusionPipeline, mask_features
@@ -172,6 +172,14 @@ class UniFusionModel(pl.LightningModule):
             f"({_summarise(report['unexpected'])}); shape mismatch (fresh): {len(shape_mismatch)} "
             f"({_summarise(shape_mismatch)})"
         )
+        if not report["loaded"]:
+            # nothing fits: a silent fresh start would look like a fine-tune and waste the run
+            where = f" under {list(prefixes)}" if prefixes else ""
+            raise UserError(
+                f"init_from {path}: no tensor{where} fits this model ({len(shape_mismatch)} differ in shape, e.g. "
+                f"{_summarise(shape_mismatch)}; {len(report['unexpected'])} unknown names); build the model with the "
+                f"sizes the weights were trained with (encoder width, heads, layers, DiT width)"
+            )
         if self.ema is not None:  # the average starts from the loaded weights, not the random init
             self.ema = EMA(self.trainable, self.ema_decay)
         return report
@@ -372,6 +380,12 @@ class UniFusionModel(pl.LightningModule):
         }
         if trainer is not None:
             self.pipeline.provenance["epoch"] = int(trainer.current_epoch)
+            sources = getattr(getattr(trainer, "datamodule", None), "sources", None)
+            if sources is not None:
+                # ShapesBench leaves editing out of `overall` for a model that never saw an edit
+                self.pipeline.provenance["trained_on_edits"] = any(
+                    getattr(s, "task", None) == "edit" and float(getattr(s, "weight", 1.0)) > 0 for s in sources
+                )
         with self.ema_weights(use_ema):
             self.pipeline.save_pretrained(out, include_encoder=include_encoder)
         return out

@@ -685,6 +685,11 @@ def load_pipeline_checkpoint(
         "epoch": int(state.get("epoch", 0) or 0),
         "config": _plain({k: v for k, v in hparams.items() if not k.startswith("_")}),
     }
+    from unifusion.eval.shapesbench import trained_on_edits_from_run
+
+    trained_on_edits = trained_on_edits_from_run(ckpt)  # the run's config.yaml, when it is beside the checkpoint
+    if trained_on_edits is not None:
+        pipeline.provenance["trained_on_edits"] = trained_on_edits
     return pipeline.to(map_location).eval()
 
 
@@ -718,11 +723,17 @@ def export_checkpoint(
 
 
 def find_shapesbench_result(ckpt: str) -> str | None:
-    """A ShapesBench result JSON next to the run that wrote ``ckpt`` (``<run>/**/shapesbench*.json``)."""
+    """The newest ShapesBench result in the run folder that wrote ``ckpt``: ``unifusion eval shapes
+    --out <run>/...`` writes ``shapes.json``, ``unifusion study`` ``eval/shapesbench.json``."""
     import glob
 
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
-    hits = sorted(glob.glob(os.path.join(run_dir, "**", "shapesbench*.json"), recursive=True), key=os.path.getmtime)
+    hits = [
+        p
+        for pattern in ("shapesbench*.json", "shapes.json")
+        for p in glob.glob(os.path.join(run_dir, "**", pattern), recursive=True)
+    ]
+    hits.sort(key=os.path.getmtime)
     return hits[-1] if hits else None
 
 
@@ -733,7 +744,19 @@ def read_shapesbench_summary(path: str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"ShapesBench result {path!r} is not readable JSON ({_first_line(e)})") from e
     scores = data.get("scores", data) if isinstance(data, dict) else {}
-    return {"source": path, **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
+    summary: dict[str, Any] = {"source": path}
+    for k in ("overall", "overall_ci_low", "overall_ci_high", "overall_all", "overall_no_editing"):
+        if isinstance(scores.get(k), (int, float)) and not isinstance(scores.get(k), bool):
+            summary[k] = scores[k]
+    cats = scores.get("categories")
+    if isinstance(cats, dict):
+        for cat, v in cats.items():
+            acc = v.get("accuracy") if isinstance(v, dict) else v
+            if isinstance(acc, (int, float)):
+                summary[cat] = acc
+    if scores.get("overall_note"):
+        summary["note"] = str(scores["overall_note"])
+    return summary
 
 
 def model_card_text(pipeline: UniFusionPipeline) -> str:
@@ -778,7 +801,8 @@ def model_card_text(pipeline: UniFusionPipeline) -> str:
     if bench:
         lines += ["", "## ShapesBench", "", "| category | score |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in bench.items() if isinstance(v, (int, float))]
-        lines.append(f"\n(from `{bench.get('source')}`)")
+        note = f"; {bench['note']}" if bench.get("note") else ""
+        lines.append(f"\n(from `{bench.get('source')}`{note})")
     lines += [
         "",
         "## Load and generate",

@@ -189,6 +189,8 @@ class HFEncoder(Encoder):
             thumbnail; with VERIFI: generated tokens + image tokens), ``"all"`` = every
             real token (system prompt and chat template too), or a list of role names
             (``system``, ``user_text``, ``image_tile``, ``thumbnail``, ``generated``).
+        revision: hub branch, tag or commit of ``path`` (``from_pretrained(revision=...)``);
+            recorded in exported pipeline folders as the encoder reference.
     """
 
     def __init__(
@@ -215,8 +217,11 @@ class HFEncoder(Encoder):
         verifi_batch: bool = True,
         on_images: str = "error",
         roles: str | list[str] | None = None,
+        revision: str | None = None,
     ) -> None:
         super().__init__()
+        # a hub branch, tag or commit (pinned in exported pipeline folders); None for local folders
+        self.revision = revision
         try:
             parse_roles_spec(roles)
         except ValueError as e:
@@ -237,7 +242,7 @@ class HFEncoder(Encoder):
             raise ValueError(f"HFEncoder max_length must be >= 1, got {max_length}")
         self.path = path
         try:
-            self.config = AutoConfig.from_pretrained(path)
+            self.config = AutoConfig.from_pretrained(path, revision=revision)
         except OSError as e:
             raise FileNotFoundError(
                 f"Could not load the encoder config from {path!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
@@ -337,6 +342,8 @@ class HFEncoder(Encoder):
             "use_chat_template": self.use_chat_template,
             "roles": roles_names(self.kept_roles(self.verifi)),
         }
+        if self.revision is not None:  # absent for local folders, so existing caches stay valid
+            meta["revision"] = self.revision
         if self.verifi:
             meta.update(
                 verifi_max_new_tokens=self.verifi_max_new_tokens,
@@ -389,7 +396,7 @@ class HFEncoder(Encoder):
             "internvl": InternVLProcessorNoVideo,
             "gemma3": tf.Gemma3Processor,
         }[self.family]
-        proc = cls.from_pretrained(self.path)
+        proc = cls.from_pretrained(self.path, revision=self.revision)
         if self.family == "internvl":
             ip = proc.image_processor
             ip.crop_to_patches = self.max_tiles > 1
@@ -410,14 +417,14 @@ class HFEncoder(Encoder):
     def _load(self) -> HFEncoder:
         from transformers import AutoTokenizer
 
-        kwargs: dict[str, Any] = {"dtype": self.torch_dtype}
+        kwargs: dict[str, Any] = {"dtype": self.torch_dtype, "revision": self.revision}
         if self.family != "t5":
             kwargs["attn_implementation"] = self.attn_implementation
         model = self._model_class().from_pretrained(self.path, **kwargs)
         model.eval()
         model.requires_grad_(False)
         processor = self._load_processor()
-        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(self.path)
+        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(self.path, revision=self.revision)
         proc_template = getattr(processor, "chat_template", None) if processor is not None else None
         if proc_template and not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = proc_template  # some VLM checkpoints keep it with the processor only

@@ -38,7 +38,7 @@ __all__ = ["BENCHES", "eval_command", "result_rows"]
 BENCHES: tuple[str, ...] = ("shapes", "dpg", "vqascore", "recon")
 GenerateFn = Callable[[list[str], "list[list[Tensor]] | None"], Tensor]
 _OPTIONS: dict[str, set[str]] = {
-    "shapes": {"image_size", "num_per_category", "seed", "batch_size", "baseline"},
+    "shapes": {"image_size", "num_per_category", "seed", "batch_size", "baseline", "trained_on_edits"},
     "dpg": {"csv", "limit", "judge", "judge_model", "judge_mode", "images_per_prompt", "batch_size"},
     "vqascore": {"prompts", "limit", "scorer", "model", "images_per_prompt", "batch_size"},
     "recon": {
@@ -103,11 +103,13 @@ def _shapes(generate_fn: GenerateFn, opts: dict[str, Any]) -> dict[str, Any]:
     )
     batch_size = int(opts.pop("batch_size", 16))
     baseline = bool(opts.pop("baseline", False))
-    result = run_shapesbench(generate_fn, bench, batch_size=batch_size)
+    trained_on_edits = opts.pop("trained_on_edits", None)
+    result = run_shapesbench(generate_fn, bench, batch_size=batch_size, trained_on_edits=trained_on_edits)
+    result["trained_on_edits"] = trained_on_edits
     for it, row in zip(bench.prompts, result.get("items", [])):
         row["prompt"] = it.prompt
     if baseline:
-        base = unconditional_baseline(generate_fn, bench, batch_size=batch_size)
+        base = unconditional_baseline(generate_fn, bench, batch_size=batch_size, trained_on_edits=trained_on_edits)
         base.pop("items", None)
         result["baseline"] = {"overall": base["overall"], **{c: v["accuracy"] for c, v in base["categories"].items()}}
     return result
