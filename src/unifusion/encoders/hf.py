@@ -424,7 +424,11 @@ class HFEncoder(Encoder):
         model.eval()
         model.requires_grad_(False)
         processor = self._load_processor()
-        tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(self.path, revision=self.revision)
+        tokenizer = (
+            processor.tokenizer
+            if processor is not None
+            else AutoTokenizer.from_pretrained(self.path, revision=self.revision)
+        )
         proc_template = getattr(processor, "chat_template", None) if processor is not None else None
         if proc_template and not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = proc_template  # some VLM checkpoints keep it with the processor only
