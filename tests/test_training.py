@@ -502,3 +502,36 @@ def test_sample_grid_cells_carry_their_prompts(tmp_path):
     values = [v for e in EventFileLoader(events).Load() for v in e.summary.value if v.tag == "samples"]
     assert values and values[0].metadata.summary_description == "0: a red circle"
     assert values[0].metadata.plugin_data.plugin_name == "images"
+
+
+def test_checkpoint_rng_state_carries_cuda_and_restores_it(monkeypatch, tmp_path):
+    """Resume restores every RNG Lightning collects, CUDA included, and the saved state is plain
+    data that ``torch.load(weights_only=True)`` reads (no GPU here: the CUDA generator is faked)."""
+    import lightning.fabric.utilities.seed as seed_utils
+
+    from unifusion import models
+
+    fake_cuda = [torch.ByteTensor([1, 2, 3]), torch.ByteTensor([4, 5, 6])]  # one state per device
+    real_collect = seed_utils._collect_rng_states
+
+    def collect(include_cuda: bool = True):
+        states = real_collect(include_cuda=False)
+        if include_cuda:
+            states["torch.cuda"] = list(fake_cuda)
+        return states
+
+    monkeypatch.setattr(models, "_collect_rng_states", collect)
+    saved = models._rng_state_plain()
+    assert [t.tolist() for t in saved["torch.cuda"]] == [[1, 2, 3], [4, 5, 6]]
+    path = tmp_path / "rng.pt"
+    torch.save({"rng_state": saved}, path)
+    loaded = torch.load(path, weights_only=True)["rng_state"]
+
+    restored = {}
+    monkeypatch.setattr(models, "_set_rng_states", lambda states: restored.update(states))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    torch.rand(3)  # move the CPU generator on: the restore must bring it back
+    models._restore_rng_state(loaded)
+    assert [t.tolist() for t in restored["torch.cuda"]] == [[1, 2, 3], [4, 5, 6]]
+    assert torch.equal(restored["torch"], saved["torch"])
+    assert set(restored) >= {"torch", "torch.cuda", "numpy", "python"}

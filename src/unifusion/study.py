@@ -1354,6 +1354,16 @@ def _job_envs(jobs: int, threads: int | None) -> list[dict[str, str]]:
     return envs
 
 
+_SAY_LOCK = threading.Lock()
+
+
+def _say(line: str) -> None:
+    """One progress line, whole: concurrent training slots report from their own threads."""
+    with _SAY_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def _execute(study: Study, plan: dict[str, Any], root: str, jobs: int = 1) -> dict[str, Any]:
     t_start = time.perf_counter()
     if study.threads is not None:  # ShapesBench runs here, maybe beside running fits
@@ -1369,7 +1379,7 @@ def _execute(study: Study, plan: dict[str, Any], root: str, jobs: int = 1) -> di
     for run in todo:
         if run.state == "done":
             counts["done"] += 1
-            print(f"{tags[id(run)]}: finished earlier, skipped", flush=True)
+            _say(f"{tags[id(run)]}: finished earlier, skipped")
 
     def evaluate(run: RunPlan) -> None:
         tag = tags[id(run)]
@@ -1379,30 +1389,28 @@ def _execute(study: Study, plan: dict[str, Any], root: str, jobs: int = 1) -> di
         except Exception as e:  # one broken run must not cost the others their results
             msg = f"{run.key}: ShapesBench failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             failures.append(msg)
-            print(f"{tag}: FAILED: {msg}", flush=True)
+            _say(f"{tag}: FAILED: {msg}")
             return
         eval_s = time.perf_counter() - t0
         row = _result_row(study, run, result, eval_s)
         _write_json(os.path.join(run.run_dir, RESULT_FILE), row)
         counts["evaluated"] += 1
-        print(
+        _say(
             f"{tag}: ShapesBench overall {row['overall']:.3f} [{row['overall_ci_low']:.2f}, "
-            f"{row['overall_ci_high']:.2f}] in {eval_s:.0f} s",
-            flush=True,
+            f"{row['overall_ci_high']:.2f}] in {eval_s:.0f} s"
         )
 
     def trained(run: RunPlan, ok: bool, msg: str) -> None:
         tag = tags[id(run)]
         if not ok:
             failures.append(msg)
-            print(f"{tag}: FAILED: {msg}", flush=True)
+            _say(f"{tag}: FAILED: {msg}")
             return
         counts["trained"] += 1
         train = _read_json(os.path.join(run.run_dir, TRAIN_FILE)) or {}
-        print(
+        _say(
             f"{tag}: trained {train.get('global_step')} steps ({_f(train.get('it_per_s')):.2f} it/s, "
-            f"final loss {_f(train.get('final_loss')):.4f}, {train.get('trainable_params')} trainable params)",
-            flush=True,
+            f"final loss {_f(train.get('final_loss')):.4f}, {train.get('trainable_params')} trainable params)"
         )
         evaluate(run)
 
@@ -1430,7 +1438,7 @@ def _execute(study: Study, plan: dict[str, Any], root: str, jobs: int = 1) -> di
         env = slots.get()
         try:
             what = "resuming from last.ckpt" if run.state == "resume" else "training"
-            print(f"{tags[id(run)]}: {what} ...", flush=True)
+            _say(f"{tags[id(run)]}: {what} ...")
             return _train(run, env)
         finally:
             slots.put(env)
