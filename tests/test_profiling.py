@@ -45,3 +45,5 @@ def test_profile_quickstart_writes_trace(tmp_path):
     steps = {n for n in names if n.startswith("ProfilerStep#")}
     assert len(steps) == 2, sorted(steps)  # exactly the active steps
     assert any("aten::" in n for n in names)
+    # the quickstart's ExportPipeline callback is dropped for a profile run
+    assert not glob.glob(os.path.join(trace_dir, "**", "pipeline"), recursive=True)

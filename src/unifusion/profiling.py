@@ -94,6 +94,10 @@ def profile_training(
     from lightning.pytorch.loggers import TensorBoardLogger
 
     cli.trainer.loggers = [TensorBoardLogger(save_dir=out_dir, name="lightning")]
+    # a few profiled steps make no model worth keeping: drop the config's pipeline export
+    from unifusion.callbacks import ExportPipeline
+
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks if not isinstance(c, ExportPipeline)]
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
