@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
 
@@ -174,6 +175,24 @@ def test_save_pretrained_round_trip_is_bit_identical_and_pickle_free(random_pipe
     assert loaded.sampling == random_pipeline.sampling
     card = (out / "README.md").read_text()
     assert "UniFusionPipeline.from_pretrained" in card and "LayerwiseAttentionPooling" in card
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty"])
+def test_a_damaged_weights_file_gives_one_clear_line_on_every_folder_loader(damage, random_pipeline, tmp_path):
+    from unifusion.models import _weights_for_init
+
+    out = tmp_path / "pipe"
+    random_pipeline.save_pretrained(out)
+    weights = out / "backbone" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        {"truncated": data[: len(data) // 2], "random": random.Random(0).randbytes(4096), "empty": b""}[damage]
+    )
+    for load in (lambda: UniFusionPipeline.from_pretrained(str(out)), lambda: _weights_for_init(str(out))):
+        with pytest.raises(CheckpointError) as info:
+            load()
+        message = str(info.value)
+        assert str(weights) in message and "safetensors" in message and "\n" not in message, message
 
 
 def test_include_encoder_makes_a_self_contained_folder(random_pipeline, tmp_path):
@@ -355,14 +374,17 @@ def test_bad_ckpt_files_give_one_clear_line(kind, tmp_path, trained):
         path.write_bytes(b"")
     elif kind == "truncated":
         path.write_bytes(open(trained, "rb").read()[:4096])
-    elif kind == "random":
-        path.write_bytes(os.urandom(2048))
     elif kind == "directory":
         path.mkdir()
-    with pytest.raises(CheckpointError) as info:
-        load_pipeline(ckpt=str(path))
-    message = str(info.value)
-    assert str(path) in message and "\n" not in message
+    # random bytes reach different corners of the unpickler (IndexError, KeyError, struct.error, ...)
+    payloads = [random.Random(k).randbytes(2048) for k in range(200)] if kind == "random" else [None]
+    for payload in payloads:
+        if payload is not None:
+            path.write_bytes(payload)
+        with pytest.raises(CheckpointError) as info:
+            load_pipeline(ckpt=str(path))
+        message = str(info.value)
+        assert str(path) in message and "\n" not in message
 
 
 def test_pickle_module_is_never_used_by_the_loaders():

@@ -47,3 +47,25 @@ def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint", map_
         else:
             reason = text
         raise CheckpointError(f"{what} {path!r} cannot be read: {reason} ({size} bytes)") from None
+    except Exception as e:
+        # arbitrary bytes drive the (legacy-format) unpickler into IndexError, KeyError,
+        # struct.error, ...: still a bad file, not a bug to show as a traceback
+        raise CheckpointError(
+            f"{what} {path!r} cannot be read: it is truncated or not a PyTorch checkpoint "
+            f"({type(e).__name__} while parsing, {size} bytes)"
+        ) from None
+
+
+def load_safetensors_file(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file(path)`` with a one-line :class:`CheckpointError` naming the
+    file when it is missing, truncated or not safetensors (its header is JSON; nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path!r} does not exist or is not a file")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, ...) for corrupt files
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{what} {path!r} is not a readable safetensors file ({text})") from None

@@ -473,15 +473,15 @@ def _weights_for_init(path: str) -> dict[str, Tensor]:
     """A training checkpoint's ``state_dict`` or an exported pipeline folder's weights, prefixed
     by part (``backbone.*``, ...), loaded without unpickling."""
     if os.path.isdir(path):
-        from safetensors.torch import load_file
-
+        from unifusion.checkpoints import load_safetensors_file
         from unifusion.pipeline import WEIGHT_PARTS, WEIGHTS_FILE
 
         state: dict[str, Tensor] = {}
         for part in WEIGHT_PARTS:
             f = os.path.join(path, part, WEIGHTS_FILE)
             if os.path.exists(f):
-                state.update({f"{part}.{k}": v for k, v in load_file(f).items()})
+                weights = load_safetensors_file(f, what=f"init_from {part} weights")
+                state.update({f"{part}.{k}": v for k, v in weights.items()})
         if not state:
             raise CheckpointError(f"init_from: {path!r} is a directory without pipeline weights (*/{WEIGHTS_FILE})")
         return state

@@ -575,8 +575,7 @@ def _plain(obj: Any) -> Any:
 
 def load_pipeline_folder(folder: str, map_location: str | torch.device = "cpu", **overrides: Any) -> UniFusionPipeline:
     """Load a folder written by :meth:`UniFusionPipeline.save_pretrained` (safetensors + JSON only)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from unifusion.checkpoints import load_safetensors_file
 
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
@@ -619,10 +618,7 @@ def load_pipeline_folder(folder: str, map_location: str | torch.device = "cpu", 
             if module is not None and any(True for _ in module.state_dict()):
                 raise CheckpointError(f"{folder!r}: {name}/{WEIGHTS_FILE} is missing")
             continue
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+        state = load_safetensors_file(path, what=f"{name} weights")
         result = module.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(

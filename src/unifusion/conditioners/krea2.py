@@ -196,9 +196,7 @@ def read_krea2_weights(src: str) -> dict[str, Tensor]:
     import glob
     import os
 
-    from safetensors.torch import load_file
-
-    from unifusion.checkpoints import load_checkpoint_file
+    from unifusion.checkpoints import load_checkpoint_file, load_safetensors_file
     from unifusion.errors import CheckpointError
 
     if os.path.isdir(src):
@@ -215,10 +213,7 @@ def read_krea2_weights(src: str) -> dict[str, Tensor]:
         return dict(state)
     out: dict[str, Tensor] = {}
     for f in files:
-        try:
-            out.update(load_file(f))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"Krea-2 weights {f!r} are not a readable safetensors file ({e})") from None
+        out.update(load_safetensors_file(f, what="Krea-2 weights"))
     return out
 
 
