@@ -147,6 +147,20 @@ def test_workers_partition_the_data_and_share_the_skip_count(tmp_path):
     assert sorted(keys1) == [f"s{i:04d}" for i in range(10)]
 
 
+def test_one_worker_streams_the_same_training_batches_as_none(shapes_dir):
+    """The quickstart trains with ``num_workers: 1``: the worker must not change the data order
+    (same batches, tasks and images as ``num_workers: 0``), so runs and resumes stay comparable."""
+    sources = [DataSource(shapes_dir, "t2i"), DataSource(shapes_dir, "edit", 0.5)]
+
+    def stream(workers: int) -> list[tuple]:
+        dm = _dm(sources, num_workers=workers)
+        return [(b["task"], tuple(b["key"]), float(b["target"].sum())) for b in dm.train_dataloader()]
+
+    inline, worker = stream(0), stream(1)
+    assert len(inline) > 10 and {t for t, *_ in inline} == {"t2i", "edit"}
+    assert worker == inline
+
+
 def test_prepare_data_generates_shapes_once(tmp_path, caplog):
     train, val = tmp_path / "gen" / "train", tmp_path / "gen" / "val"
     cfg = ShapesConfig(num=40, seed=3, val_num=14, edit_fraction=0.25, shard_size=100)
