@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from unifusion.errors import CheckpointError
+from unifusion.errors import CheckpointError, first_line
 
 
 def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
@@ -41,7 +41,7 @@ def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint", map_
             f"(files are never unpickled){': ' + culprit if culprit else ''}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = first_line(e)
         if "zip archive" in text or "central directory" in text or isinstance(e, (EOFError, zipfile.BadZipFile)):
             reason = "it is truncated or not a PyTorch checkpoint"
         else:
@@ -67,5 +67,4 @@ def load_safetensors_file(path: str | os.PathLike, what: str = "weights") -> dic
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own error types (SafetensorError, ...) for corrupt files
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{what} {path!r} is not a readable safetensors file ({text})") from None
+        raise CheckpointError(f"{what} {path!r} is not a readable safetensors file ({first_line(e)})") from None

@@ -15,3 +15,10 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint or exported model folder that cannot be loaded (missing, corrupt, unsafe)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    one-line error reports."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from unifusion.autoencoders import Autoencoder, IdentityAutoencoder, LatentSpec
 from unifusion.conditioners.base import BackboneSpec, Conditioner, Conditioning
 from unifusion.encoders.base import Encoder, images_to_list
-from unifusion.errors import CheckpointError, UserError
+from unifusion.errors import CheckpointError, UserError, first_line
 from unifusion.features import EncoderFeatures, EncoderSpec, TokenRole
 from unifusion.flow import RectifiedFlow, combine_guidance, guided_velocity, sample
 
@@ -227,7 +227,7 @@ class UniFusionPipeline(nn.Module, ModelHubMixin, library_name="unifusion", tags
         except UserError:
             raise
         except Exception as e:  # jsonargparse reports bad class paths / values in its own types
-            raise UserError(f"cannot build the pipeline from its config: {_first_line(e)}") from e
+            raise UserError(f"cannot build the pipeline from its config: {first_line(e)}") from e
         pipeline.component_config = {k: copy.deepcopy(cfg.get(k)) for k in COMPONENTS}
         return pipeline
 
@@ -563,11 +563,6 @@ class UniFusionPipeline(nn.Module, ModelHubMixin, library_name="unifusion", tags
 
 
 # ---------------------------------------------------------------------- loading helpers
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
-
-
 def _plain(obj: Any) -> Any:
     """JSON-safe copy (tuples -> lists, unknown objects -> str)."""
     return json.loads(json.dumps(obj, default=str))
@@ -589,7 +584,7 @@ def load_pipeline_folder(folder: str, map_location: str | torch.device = "cpu", 
         with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({_first_line(e)})") from e
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({first_line(e)})") from e
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path} is not a UniFusion pipeline config (format != {FORMAT!r})")
     if int(config.get("format_version", 0)) > FORMAT_VERSION:
@@ -738,7 +733,7 @@ def read_shapesbench_summary(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"ShapesBench result {path!r} is not readable JSON ({_first_line(e)})") from e
+        raise UserError(f"ShapesBench result {path!r} is not readable JSON ({first_line(e)})") from e
     scores = data.get("scores", data) if isinstance(data, dict) else {}
     summary: dict[str, Any] = {"source": path}
     for k in ("overall", "overall_ci_low", "overall_ci_high", "overall_all", "overall_no_editing"):
