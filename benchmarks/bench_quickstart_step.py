@@ -1,32 +1,40 @@
-"""The quickstart's training step before and after the speed-ups, interleaved in one process.
+"""The quickstart's training step before and after the speed-ups, windows interleaved.
 
-Both modes run the **real training step** of the config's ``UniFusionModel``
+Every mode runs the **real training step** of the config's ``UniFusionModel``
 (``training_step`` -> backward -> gradient clipping -> optimizer step -> EMA update) on live
 batches from the config's data module (the quickstart trains live, with the VLM in the loop).
 
-- **before** reproduces the previous code path in this process: the conditioner sees every
-  real token of the chat template (``encoder.roles: all``; 16 of ~19 tokens are template),
-  the processor is called once per sample, plain (for-loop) AdamW, and the EMA updated one
-  parameter at a time;
-- **after** is the code as configured: the encoder keeps the paper's default roles (user
-  text), one processor call per batch, fused AdamW, a multi-tensor EMA update;
+- **before** reproduces the previous code path: the conditioner sees every real token of the
+  chat template (``encoder.roles: all``; 16 of ~19 tokens are template, and the whole template
+  runs through the VLM), the processor is called once per sample, plain (for-loop) AdamW, the
+  EMA updated one parameter at a time, and glibc's default allocator;
+- **after** is the code as configured and as the ``unifusion`` command runs it: the paper's
+  default roles (user text), the VLM stopped after the last kept token, one processor call per
+  batch, fused AdamW, a multi-tensor EMA update, and freed memory kept for reuse
+  (:mod:`unifusion.allocator`: no page faults on the next step's activations);
 - **after+compile** (``--compile``) adds ``torch.compile`` of the DiT (``model.compile: true``).
 
-Windows of ``--steps`` steps alternate between the modes (rotating order); the median window
-per mode is reported with the ratio to ``before``. The machine may be shared: min..max is printed.
+The allocator is a per-process setting, so by default each mode runs in its own worker
+process and the parent alternates windows of ``--steps`` steps between them (rotating order),
+one process at a time: machine drift hits every mode alike. ``--one_process`` runs all
+modes in this process instead (the code paths only; the allocator is then shared). The
+median window per mode is reported with its ratio to ``before``'s, and ``paired`` is the
+median of the per-round ratios (windows adjacent in time); min..max shows the noise of a
+shared machine.
 
-    python benchmarks/bench_quickstart_step.py              # ~3-5 min on 2 cores
+    python benchmarks/bench_quickstart_step.py              # ~3 min on 2 cores
     python benchmarks/bench_quickstart_step.py --compile    # + compiled DiT (~1 min cold compile)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import functools
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -70,89 +78,178 @@ def _loop_ema_update(ema: Any, module: torch.nn.Module) -> None:
                 ema.shadow[name].lerp_(p.detach().float(), 1 - decay)
 
 
+def _build(cfg: str, mode: str, compile_dit: bool = False) -> tuple[Any, Any, torch.optim.Optimizer, float | None]:
+    """``(model, datamodule, optimizer, clip)`` of one mode, built through the real CLI."""
+    from unifusion.lightning_cli import lightning_main
+
+    extra = ["--model.encoder.init_args.roles=all"] if mode == "before" else []
+    cli = lightning_main(["-c", cfg, *extra], run=False)
+    dm = cli.datamodule
+    dm.prepare_data()
+    dm.setup("fit")
+    m = cli.model
+    if mode == "before":
+        m.encoder.prepare = functools.partial(m.encoder.prepare, per_sample=True)
+    if compile_dit:
+        m.backbone.compile()
+    m.train()
+    o = m.configure_optimizers()
+    opt = o["optimizer"] if isinstance(o, dict) else o
+    if mode == "before":
+        params = [q for q in m.trainable.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(params, lr=opt.defaults["lr"], weight_decay=0.0, foreach=False)
+    return m, dm, opt, cli.trainer.gradient_clip_val
+
+
+class _Stepper:
+    """The real training step of one mode on its own live batches; ``__call__`` times one step."""
+
+    def __init__(self, cfg: str, mode: str) -> None:
+        self.mode = mode
+        self.model, self.dm, self.opt, self.clip = _build(
+            cfg, "before" if mode == "before" else "after", compile_dit=mode == "after+compile"
+        )
+        self.loader: Any = None
+        self.i = 0
+
+    def _batch(self) -> dict[str, Any]:
+        batch = next(self.loader, None) if self.loader is not None else None
+        if batch is None:
+            self.loader = iter(self.dm.train_dataloader())
+            batch = next(self.loader)
+        return batch
+
+    def __call__(self) -> float:
+        m = self.model
+        t0 = time.perf_counter()
+        batch = self._batch()
+        loss = m.training_step(batch, self.i)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_([q for q in m.parameters() if q.grad is not None], self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if m.ema is not None:
+            if self.mode == "before":
+                _loop_ema_update(m.ema, m.trainable)
+            else:
+                m.ema.update(m.trainable)
+        self.i += 1
+        return time.perf_counter() - t0
+
+    def window(self, steps: int) -> float:
+        return statistics.fmean(self() for _ in range(steps))
+
+    def tokens(self) -> int:
+        return int(self.model.features({"prompt": ["a red circle"], "task": "t2i"}).mask.sum())
+
+
+def _worker(cfg: str, mode: str, warmup: int, steps: int, threads: int | None) -> None:
+    """One mode in its own process: ``@@ ready TOKENS``, then one ``@@ <seconds>`` per ``window`` line."""
+    if threads:
+        torch.set_num_threads(threads)
+    if mode != "before":
+        from unifusion.allocator import retain_freed_memory
+
+        retain_freed_memory()  # as the `unifusion` command does at start-up
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    stepper = _Stepper(cfg, mode)
+    for _ in range(warmup):
+        stepper()
+    print(f"@@ ready {stepper.tokens()}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "window":
+            break
+        print(f"@@ {stepper.window(steps)}", flush=True)
+
+
+class _Remote:
+    """The parent's handle on a :func:`_worker` process."""
+
+    def __init__(self, cfg: str, mode: str, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_worker", mode, "--_cfg", cfg]
+        cmd += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.mode = mode
+        self.tokens = int(self._reply().split()[1])
+
+    def _reply(self) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return line[3:].strip()
+        raise RuntimeError(f"the {self.mode!r} worker exited with status {self.proc.wait()} (see its output above)")
+
+    def window(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("window\n")
+        self.proc.stdin.flush()
+        return float(self._reply())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(REPO, "experiments", "quickstart.yaml"))
     p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--windows", type=int, default=9)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time the DiT compiled (after+compile)")
+    p.add_argument(
+        "--one_process",
+        action="store_true",
+        help="all modes in this process (code paths only: the allocator setting is then shared)",
+    )
     p.add_argument("--csv", default=None)
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_cfg", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._worker:
+        _worker(args._cfg, args._worker, args.warmup, args.steps, args.threads)
+        return []
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*self.log.*")
 
-    from unifusion.lightning_cli import lightning_main
-
     modes = ["before", "after"] + (["after+compile"] if args.compile else [])
     with tempfile.TemporaryDirectory(prefix="bench-qs-") as work:
         cfg = _config(args.config, work, args.samples)
-        after_cli = lightning_main(["-c", cfg], run=False)
-        dm = after_cli.datamodule
-        dm.prepare_data()
-        dm.setup("fit")
-        before = lightning_main(["-c", cfg, "--model.encoder.init_args.roles=all"], run=False).model
-        before.load_state_dict(after_cli.model.state_dict())
-        before.encoder.prepare = functools.partial(before.encoder.prepare, per_sample=True)
-        models = {"before": before, "after": after_cli.model}
-        if args.compile:
-            models["after+compile"] = copy.deepcopy(after_cli.model)
-            models["after+compile"].backbone.compile()
-        opts: dict[str, torch.optim.Optimizer] = {}
-        for mode, m in models.items():
-            m.train()
-            params = [q for q in m.trainable.parameters() if q.requires_grad]
-            if mode == "before":
-                lr = after_cli.model.configure_optimizers()
-                lr = (lr["optimizer"] if isinstance(lr, dict) else lr).defaults["lr"]
-                opts[mode] = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
-            else:
-                o = m.configure_optimizers()
-                opts[mode] = o["optimizer"] if isinstance(o, dict) else o
-        clip = after_cli.trainer.gradient_clip_val
-        loaders: dict[str, Any] = {}
-
-        def next_batch(mode: str) -> dict[str, Any]:
-            batch = next(loaders[mode], None) if mode in loaders else None
-            if batch is None:
-                loaders[mode] = iter(dm.train_dataloader())
-                batch = next(loaders[mode])
-            return batch
-
-        def step(mode: str, i: int) -> float:
-            m = models[mode]
-            t0 = time.perf_counter()
-            batch = next_batch(mode)
-            loss = m.training_step(batch, i)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_([q for q in m.parameters() if q.grad is not None], clip)
-            opts[mode].step()
-            opts[mode].zero_grad(set_to_none=True)
-            if m.ema is not None:
-                if mode == "before":
-                    _loop_ema_update(m.ema, m.trainable)
-                else:
-                    m.ema.update(m.trainable)
-            return time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        for mode in modes:
-            for i in range(args.warmup):
-                step(mode, i)
-        warm_s = time.perf_counter() - t0
-        windows: dict[str, list[float]] = {m: [] for m in modes}
-        for w in range(args.windows):
-            order = modes[w % len(modes) :] + modes[: w % len(modes)]
-            for mode in order:
-                windows[mode].append(statistics.fmean(step(mode, i) for i in range(args.steps)))
-        tokens = {
-            mode: int(models[mode].features({"prompt": ["a red circle"], "task": "t2i"}).mask.sum())
-            for mode in ("before", "after")
-        }
+        runners: dict[str, Any] = {}
+        try:
+            if args.one_process:
+                for mode in modes:
+                    runners[mode] = _Stepper(cfg, mode)
+                    for _ in range(args.warmup):
+                        runners[mode]()
+                tokens = {mode: runners[mode].tokens() for mode in ("before", "after")}
+                windows_of = {mode: (lambda r=r: r.window(args.steps)) for mode, r in runners.items()}
+            else:
+                _build(cfg, "after")  # writes the data once, before the workers start
+                for mode in modes:  # one at a time: warm-ups do not compete for the cores
+                    runners[mode] = _Remote(cfg, mode, args)
+                tokens = {mode: runners[mode].tokens for mode in ("before", "after")}
+                windows_of = {mode: r.window for mode, r in runners.items()}
+            warm_s = time.perf_counter() - t0
+            windows: dict[str, list[float]] = {m: [] for m in modes}
+            for w in range(args.windows):
+                order = modes[w % len(modes) :] + modes[: w % len(modes)]
+                for mode in order:
+                    windows[mode].append(windows_of[mode]())
+        finally:
+            for r in runners.values():
+                if isinstance(r, _Remote):
+                    r.close()
+        batch_size = yaml.safe_load(open(cfg))["data"]["init_args"]["batch_size"]
     base = statistics.median(windows["before"])
     rows = []
     for mode in modes:
@@ -165,19 +262,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "min_ms": round(1e3 * min(windows[mode]), 1),
                 "max_ms": round(1e3 * max(windows[mode]), 1),
                 "speedup_vs_before": round(base / med, 2),
+                # the ratio within each round of windows (adjacent in time), median over rounds
+                "paired_speedup": round(statistics.median(b / x for b, x in zip(windows["before"], windows[mode])), 2),
             }
         )
     name = os.path.relpath(args.config, REPO) if args.config.startswith(REPO) else args.config
-    print(f"# {name}: real training step, live data, batch {dm.batch_size}, {torch.get_num_threads()} threads")
+    where = "all modes in one process" if args.one_process else "one process per mode, windows interleaved"
+    print(f"# {name}: real training step, live data, batch {batch_size}, {torch.get_num_threads()} threads; {where}")
     print(
         f"# conditioning tokens for 'a red circle': before {tokens['before']}, after {tokens['after']}; "
-        f"warm-up {warm_s:.0f} s; median of {args.windows} interleaved windows x {args.steps} steps"
+        f"set-up + warm-up {warm_s:.0f} s; median of {args.windows} interleaved windows x {args.steps} steps"
     )
-    print(f"{'mode':>14} | {'ms/step':>8} | {'it/s':>6} | {'min..max ms':>15} | speed-up vs before")
+    print(f"{'mode':>14} | {'ms/step':>8} | {'it/s':>6} | {'min..max ms':>15} | speed-up vs before | paired")
     for r in rows:
         span = f"{r['min_ms']}..{r['max_ms']}"
         print(
-            f"{r['mode']:>14} | {r['ms_per_step']:>8} | {r['it_per_s']:>6} | {span:>15} | {r['speedup_vs_before']:.2f}x"
+            f"{r['mode']:>14} | {r['ms_per_step']:>8} | {r['it_per_s']:>6} | {span:>15} | "
+            f"{r['speedup_vs_before']:>17.2f}x | {r['paired_speedup']:.2f}x"
         )
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)

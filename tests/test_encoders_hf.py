@@ -124,10 +124,65 @@ def test_encode_shapes_masks_roles(tiny, family):
         int(torch.isin(feats.roles[i], torch.tensor([int(r) for r in DEFAULT_ROLES])).sum()) for i in range(2)
     ]
     # the default encoder returns exactly those tokens: the roles are chosen in encode()
-    default = HFEncoder(tiny[family], layers=[0, 2, -1]).encode(prompts, images, task="edit" if is_vlm else "t2i")
+    # (truncate=False: the same forward as roles="all"; the default also drops the template's
+    # tail in causal text batches, equal up to float rounding: test_dropping_the_template_tail_*)
+    task = "edit" if is_vlm else "t2i"
+    default = HFEncoder(tiny[family], layers=[0, 2, -1], truncate=False).encode(prompts, images, task=task)
     assert torch.equal(default.mask, sel.mask) and torch.equal(default.roles, sel.roles)
     torch.testing.assert_close(default.hidden, sel.hidden, rtol=0, atol=0)
     assert not (default.roles == R.SYSTEM).any()
+
+
+def _forward_lengths(enc):
+    """Record the sequence length the language model's first block runs on."""
+    seen = []
+    hook = enc.blocks()[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True,
+    )
+    return seen, hook
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropping_the_template_tail_keeps_the_kept_features(tiny, family):
+    """A causal LM's kept tokens never attend to the template after them: the truncated
+    encode runs fewer tokens and returns the same features as the full forward."""
+    prompts = ["a red circle on the left of a big blue square", "two squares", "a green triangle"]
+    full = HFEncoder(tiny[family], layers=[0, 2, -1], truncate=False).load()
+    cut = HFEncoder(tiny[family], layers=[0, 2, -1]).load()
+    ref = full.encode(prompts)
+    seen, hook = _forward_lengths(cut)
+    try:
+        got = cut.encode(prompts)
+    finally:
+        hook.remove()
+    assert torch.equal(got.mask, ref.mask) and torch.equal(got.roles, ref.roles)
+    # fp32 rounding of a shorter forward (Gemma 3's states reach ~10: tolerance scales with them)
+    torch.testing.assert_close(got.hidden, ref.hidden, rtol=1e-5, atol=1e-6 * float(ref.hidden.abs().max()))
+    prep = cut.prepare(prompts)
+    if family == "t5":  # a bidirectional encoder: every token matters
+        assert seen == [prep.mask.shape[1]]
+    else:
+        # the longest sample ends at its last user token: the template's tail is gone
+        user_end = max(int(torch.nonzero(r == R.USER_TEXT).max()) + 1 for r in prep.roles)
+        assert seen == [user_end] and user_end < prep.mask.shape[1]
+    # roles "all" keeps the tail; the VLMs keep every token when the batch has images
+    seen_all, hook = _forward_lengths(everything := HFEncoder(tiny[family], layers=[0], roles="all").load())
+    try:
+        everything.encode(prompts)
+    finally:
+        hook.remove()
+    assert seen_all == [prep.mask.shape[1]]
+    if family in VLMS:
+        images = [[torch.rand(3, 16, 16)], [], []]
+        seen_img, hook = _forward_lengths(cut)
+        try:
+            got = cut.encode(prompts, images, task="edit")
+        finally:
+            hook.remove()
+        assert seen_img == [cut.prepare(prompts, images, task="edit").mask.shape[1]]
+        ref = full.encode(prompts, images, task="edit")
+        torch.testing.assert_close(got.hidden, ref.hidden, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

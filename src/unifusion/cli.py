@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
+from unifusion.allocator import retain_freed_memory
 from unifusion.errors import CheckpointError, UserError
 
 # Lightning is imported only by the commands that need it: `unifusion --help`, `data` and the
@@ -821,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     """The ``unifusion`` console script; returns the exit status (0 = success)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging()
+    # CPU steps re-allocate the same activations: keep freed blocks instead of page-faulting
+    retain_freed_memory()
     debug = os.environ.get("UNIFUSION_DEBUG", "") not in ("", "0")
     lightning = bool(argv) and argv[0] in LIGHTNING_COMMANDS
     try:

@@ -2,7 +2,8 @@
 
 ``HFEncoder`` renders each sample through the model's chat template (system prompt,
 images, the user's words), tokenizes the whole batch in one processor call, runs the
-language model **only up to the deepest tapped layer** (``truncate=True``), and returns
+language model **only up to the deepest tapped layer** and, for causal text, only up to the
+last kept token (``truncate=True``), and returns
 :class:`~unifusion.features.EncoderFeatures` restricted to the configured token
 ``roles`` (default: the paper's user content + image tokens; the template is part of the
 forward but not of the output). Layer ids follow :mod:`unifusion.encoders.layers` (0 =
@@ -169,7 +170,8 @@ class HFEncoder(Encoder):
         max_tiles: tiles per reference image (1 = the image as one thumbnail; >1 adds
             a thumbnail after the tiles).
         tile_size: tile side in px; ``None`` uses the vision tower's input size.
-        truncate: run the language model only up to the deepest tapped layer.
+        truncate: run the language model only up to the deepest tapped layer, and (causal
+            models, text-only batches) only up to each sample's last kept token.
         use_chat_template: render prompts with the tokenizer's chat template (required
             for VLMs; ``t5`` never uses one).
         build_tiny_if_missing: a tiny family name: build a tiny random model at ``path``
@@ -822,6 +824,38 @@ class HFEncoder(Encoder):
             raise RuntimeError(f"layers {missing} were not reached in the forward of {self.path!r}")
         return torch.stack([store[i] for i in self.spec.layer_ids], dim=2)
 
+    def _drop_unkept_tail(self, prep: PreparedBatch, kept: tuple[TokenRole, ...] | None) -> PreparedBatch:
+        """Cut each sample after its last kept token: the chat template's tail (``<|im_end|>``,
+        ``ASSISTANT:``, ...) is about a third of a short caption's tokens, and in a causal LM
+        no earlier token attends to it, so the kept features are the same without it.
+
+        Only for causal text (not ``t5``, whose encoder is bidirectional) and batches without
+        image inputs (placeholder markers and Qwen2-VL's M-RoPE grids must stay whole);
+        every token is kept when the roles are ``all``.
+        """
+        if kept is None or self.family == "t5" or any(k in prep.inputs for k in _IMAGE_KEYS):
+            return prep
+        is_kept = torch.isin(prep.roles, torch.tensor([int(r) for r in kept], dtype=prep.roles.dtype))
+        is_kept &= prep.mask
+        pos = torch.arange(prep.mask.shape[1])
+        # one past the last kept token; a sample that keeps nothing keeps its real tokens
+        ends = torch.where(is_kept.any(1), (pos * is_kept).amax(1) + 1, prep.mask.sum(1))
+        width = int(ends.max()) if ends.numel() else 0
+        if width >= prep.mask.shape[1]:
+            return prep
+        keep = pos[:width] < ends[:, None]
+        inputs = dict(prep.inputs)
+        for k, v in prep.inputs.items():
+            if _is_seq(k, v):
+                fill = self._hf.tokenizer.pad_token_id if k == "input_ids" else 0
+                inputs[k] = v[:, :width].masked_fill(~keep, fill)
+        return PreparedBatch(
+            inputs=inputs,
+            mask=prep.mask[:, :width] & keep,
+            roles=prep.roles[:, :width].masked_fill(~keep, int(TokenRole.PAD)),
+            texts=prep.texts,
+        )
+
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
     def prepare(
@@ -900,6 +934,8 @@ class HFEncoder(Encoder):
         roles, VERIFI on keeps the generated tokens instead of the user's)."""
         use_verifi = self.verifi if verifi is None else bool(verifi)
         prep = self.prepare(prompts, images, task=task, system_prompt=system_prompt, verifi=verifi)
+        if self.truncate:
+            prep = self._drop_unkept_tail(prep, self.kept_roles(use_verifi))
         hidden = self.tapped_forward(prep.inputs)
         mask = prep.mask.to(hidden.device)
         hidden = hidden * mask[:, :, None, None].to(hidden.dtype)
