@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,14 +18,6 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run_suite(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -69,9 +59,9 @@ def test_gpu_suite_rejects_unknown_arguments():
     assert out.returncode == 2 and "unknown argument '--fast'" in out.stderr
 
 
-def test_bench_lap_module_smoke(tmp_path, capsys):
+def test_bench_lap_module_smoke(tmp_path, capsys, load_benchmark):
     pytest.importorskip("diffusers.models.transformers.transformer_krea2")
-    mod = _load("bench_lap_module")
+    mod = load_benchmark("bench_lap_module")
     csv = tmp_path / "lap.csv"
     rows = mod.main(
         ["--B", "2", "--S", "5", "--min_len", "2", "--n", "3", "--hidden", "16", "--heads", "2", "--reps", "1"]
@@ -88,8 +78,8 @@ def test_bench_lap_module_smoke(tmp_path, capsys):
     assert "Targets (CPU)" in out and ("PASS" in out or "MISS" in out)
 
 
-def test_cpu_peak_memory_from_the_profiler():
-    mod = _load("bench_lap_module")
+def test_cpu_peak_memory_from_the_profiler(load_benchmark):
+    mod = load_benchmark("bench_lap_module")
 
     def two_live_tensors():
         a = torch.ones(1 << 20)  # 4 MiB

@@ -1,22 +1,10 @@
 """Smoke test of the quickstart step benchmark (the measured run is in benchmarks/README.md)."""
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_bench_quickstart_step_runs_each_mode_in_its_own_worker(tmp_path, capsys):
-    rows = _load("bench_quickstart_step").main(
+def test_bench_quickstart_step_runs_each_mode_in_its_own_worker(tmp_path, capsys, load_benchmark):
+    rows = load_benchmark("bench_quickstart_step").main(
         ["--samples", "64", "--windows", "2", "--steps", "1", "--warmup", "1", "--threads", "1"]
         + ["--csv", str(tmp_path / "q.csv")]
     )
@@ -28,7 +16,7 @@ def test_bench_quickstart_step_runs_each_mode_in_its_own_worker(tmp_path, capsys
     assert "one process per mode" in out and "before 19, after 3" in out
 
 
-def test_bench_quickstart_step_help():
+def test_bench_quickstart_step_help(load_benchmark):
     with pytest.raises(SystemExit) as e:
-        _load("bench_quickstart_step").main(["--help"])
+        load_benchmark("bench_quickstart_step").main(["--help"])
     assert e.value.code == 0

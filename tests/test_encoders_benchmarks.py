@@ -1,11 +1,6 @@
 """Smoke runs of the encoder benchmarks at toy sizes (the real runs are in benchmarks/)."""
 
-import importlib.util
-import os
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -17,15 +12,8 @@ def _restore_threads():
     torch.set_num_threads(n)  # the benchmarks set their own thread count
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_bench_truncated_forward_smoke(tmp_path, capsys):
-    mod = _load("bench_truncated_forward")
+def test_bench_truncated_forward_smoke(tmp_path, capsys, load_benchmark):
+    mod = load_benchmark("bench_truncated_forward")
     rows = mod.main(
         [
             "--hidden",
@@ -51,9 +39,9 @@ def test_bench_truncated_forward_smoke(tmp_path, capsys):
     assert "measured_fraction" in capsys.readouterr().out
 
 
-def test_bench_feature_cache_smoke(tmp_path, capsys):
+def test_bench_feature_cache_smoke(tmp_path, capsys, load_benchmark):
     """The real quickstart config, live vs cached, one short window each (the real run is in benchmarks/)."""
-    mod = _load("bench_feature_cache")
+    mod = load_benchmark("bench_feature_cache")
     rows = mod.main(
         ["--samples", "40", "--windows", "1", "--steps", "1", "--warmup", "0", "--threads", "1"]
         + ["--csv", str(tmp_path / "c.csv")]
@@ -66,7 +54,7 @@ def test_bench_feature_cache_smoke(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["bench_truncated_forward", "bench_feature_cache"])
-def test_bench_help(name):
+def test_bench_help(name, load_benchmark):
     with pytest.raises(SystemExit) as e:
-        _load(name).main(["--help"])
+        load_benchmark(name).main(["--help"])
     assert e.value.code == 0
