@@ -234,7 +234,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 tokens = {mode: runners[mode].tokens() for mode in ("before", "after")}
                 windows_of = {mode: (lambda r=r: r.window(args.steps)) for mode, r in runners.items()}
             else:
-                _build(cfg, "after")  # writes the data once, before the workers start
+                from unifusion.lightning_cli import lightning_main
+
+                # the data and the tiny VLM are written once, before the workers start
+                lightning_main(["-c", cfg], run=False).datamodule.prepare_data()
                 for mode in modes:  # one at a time: warm-ups do not compete for the cores
                     runners[mode] = _Remote(cfg, mode, args)
                 tokens = {mode: runners[mode].tokens for mode in ("before", "after")}
