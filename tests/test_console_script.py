@@ -122,6 +122,7 @@ def independent_cases() -> dict[str, list[str]]:
         "test_error": ["test", *lightning, VAL, "--ckpt_path=missing.ckpt"],
         "predict_error": ["predict", *lightning, "--ckpt_path=empty.ckpt"],
         "generate_error": ["generate", "--ckpt", "random.pt", "--prompt", "a red circle"],
+        "generate_missing_model": ["generate", "--model", "runs/no_such_run/pipeline", "--prompt", "a red circle"],
         "edit_error": ["edit", "--ckpt", CKPT, "--image", "missing.png", "--instruction", "make it blue"],
         "eval_error": ["eval", "dpg", "--ckpt", CKPT, "--prompts_file", "missing.csv", "--judge", "no_judge"],
         "eval_typed_error": ["eval", "recon", "--ckpt", CKPT, "--lpips_net", "squeeze"],
@@ -252,6 +253,13 @@ def test_generate(results, work):
 
 def test_generate_with_a_random_file_as_checkpoint(results):
     assert_user_error(results["generate_error"], "random.pt")
+
+
+def test_generate_with_a_missing_model_folder(results):
+    # the message names the missing folder, not huggingface_hub's rules for repo ids
+    r = results["generate_missing_model"]
+    assert_user_error(r, "runs/no_such_run/pipeline", "does not exist")
+    assert "Repo id" not in r.err, r
 
 
 def test_edit(results, work):

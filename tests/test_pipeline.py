@@ -177,6 +177,16 @@ def test_save_pretrained_round_trip_is_bit_identical_and_pickle_free(random_pipe
     assert "UniFusionPipeline.from_pretrained" in card and "LayerwiseAttentionPooling" in card
 
 
+def test_a_missing_folder_is_named_as_missing_not_as_a_bad_hub_id(tmp_path):
+    for path in (str(tmp_path / "no_such_run" / "pipeline"), "runs/no_such_run/pipeline"):
+        with pytest.raises(CheckpointError, match="does not exist") as info:
+            UniFusionPipeline.from_pretrained(path)
+        assert path in str(info.value) and "Repo id" not in str(info.value)
+    # a name that could be a hub repo: tried there (nothing cached, no fetch) and said so
+    with pytest.raises(CheckpointError, match="nor could it be fetched as a hub repo"):
+        UniFusionPipeline.from_pretrained("no_such_org/no_such_pipeline", local_files_only=True, cache_dir=tmp_path)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random", "empty"])
 def test_a_damaged_weights_file_gives_one_clear_line_on_every_folder_loader(damage, random_pipeline, tmp_path):
     from unifusion.models import _weights_for_init

@@ -534,6 +534,33 @@ class UniFusionPipeline(nn.Module, ModelHubMixin, library_name="unifusion", tags
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        **model_kwargs: Any,
+    ) -> UniFusionPipeline:
+        """Load a pipeline folder, or a hub repo id (fetched once with ``snapshot_download``)."""
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            # hub's own loader would first try the id as a repo name and report its naming rules
+            # for a mistyped local path; resolve it here so the error names the missing folder
+            folder = _download_pipeline(
+                folder,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        return super().from_pretrained(folder, local_files_only=True, **model_kwargs)
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,
@@ -549,10 +576,8 @@ class UniFusionPipeline(nn.Module, ModelHubMixin, library_name="unifusion", tags
     ) -> UniFusionPipeline:
         folder = model_id
         if not os.path.isdir(folder):
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(
-                repo_id=model_id,
+            folder = _download_pipeline(
+                model_id,
                 revision=revision,
                 cache_dir=cache_dir,
                 force_download=force_download,
@@ -563,6 +588,23 @@ class UniFusionPipeline(nn.Module, ModelHubMixin, library_name="unifusion", tags
 
 
 # ---------------------------------------------------------------------- loading helpers
+def _download_pipeline(model_id: str, **kwargs: Any) -> str:
+    """The local snapshot of hub repo ``model_id``; a clear error where ``model_id`` is neither an
+    existing folder nor a hub repo that can be fetched (a mistyped local path is the usual case)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    missing = f"model folder {model_id!r} does not exist (export one with `unifusion export`, or check the path)"
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise CheckpointError(missing) from None  # a path, not a hub id: say so, not hub's id rules
+    try:
+        return snapshot_download(repo_id=model_id, **kwargs)
+    except Exception as e:  # offline, unknown repo, gated: hub has many error types, one message suits all
+        raise CheckpointError(f"{missing[:-1]}; nor could it be fetched as a hub repo: {first_line(e)})") from e
+
+
 def _plain(obj: Any) -> Any:
     """JSON-safe copy (tuples -> lists, unknown objects -> str)."""
     return json.loads(json.dumps(obj, default=str))
