@@ -8,6 +8,7 @@ guidance dropout, optimizer and schedule, EMA, non-finite-loss handling and chec
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -431,11 +432,15 @@ def _fused_if_supported(optimizer: torch.optim.Optimizer, params: list[Tensor]) 
         p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
     ):
         return optimizer
-    groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
-    defaults = {k: v for k, v in d.items() if k not in ("fused", "foreach")}
+    # only what the constructor takes: defaults also hold derived entries (AdamW's
+    # ``decoupled_weight_decay``, which AdamW.__init__ does not accept)
+    accepted = set(inspect.signature(type(optimizer).__init__).parameters) - {"self", "params", "fused", "foreach"}
+    derived = {"fused", "foreach"} | (set(d) - accepted)
+    groups = [{k: v for k, v in g.items() if k not in derived} for g in optimizer.param_groups]
+    defaults = {k: v for k, v in d.items() if k in accepted}
     try:
         return type(optimizer)(groups, **defaults, fused=True)
-    except (RuntimeError, ValueError, TypeError):  # fused unsupported for this build/device
+    except (RuntimeError, ValueError):  # fused unsupported for this build/device
         return optimizer
 
 
