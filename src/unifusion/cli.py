@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from unifusion.allocator import retain_freed_memory
-from unifusion.errors import CheckpointError, UserError
+from unifusion.errors import CheckpointError, UserError, first_line
 
 # Lightning is imported only by the commands that need it: `unifusion --help`, `data` and the
 # error paths of the tools start in a few seconds instead of ~15
@@ -780,21 +780,6 @@ class _RankZeroFilter(logging.Filter):
         return True
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
-        text = e.args[0]
-    lines = [line.strip() for line in text.splitlines()]
-    if "Errors:" in lines:
-        # jsonargparse wraps a constructor's error as "Does not validate against any of the
-        # Union subtypes ... Errors: - <the constructor's message> - Expected a NoneType ..."
-        bullets = [line[2:] for line in lines[lines.index("Errors:") + 1 :] if line.startswith("- ")]
-        real = [b for b in bullets if not b.startswith("Expected a <class 'NoneType'>")]
-        if real:
-            return real[0]
-    return lines[0] if lines else type(e).__name__
-
-
 def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         _print_help()
@@ -831,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as e:
         if debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 1
     except (ValueError, TypeError, KeyError) as e:
         # a bad config or option: for a training command only while it is being set up (a
@@ -839,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         # inputs before working
         if debug or (lightning and _lightning_phase() == "run"):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 1
 
 

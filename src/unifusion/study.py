@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from unifusion.errors import UserError
+from unifusion.errors import UserError, first_line
 
 __all__ = [
     "Arm",
@@ -165,7 +165,7 @@ def _read_yaml(path: str, what: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise UserError(f"{what} {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{what} {path!r} is not valid YAML: {first_line(e)}") from None
 
 
 def _resolve_path(path: str, study_file: str, what: str) -> str:
@@ -1387,7 +1387,7 @@ def _execute(study: Study, plan: dict[str, Any], root: str, jobs: int = 1) -> di
         try:
             result = evaluate_run(run.run_dir, study.eval)
         except Exception as e:  # one broken run must not cost the others their results
-            msg = f"{run.key}: ShapesBench failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            msg = f"{run.key}: ShapesBench failed: {first_line(e, with_type=True)}"
             failures.append(msg)
             _say(f"{tag}: FAILED: {msg}")
             return

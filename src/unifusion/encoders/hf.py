@@ -44,6 +44,7 @@ from torch import Tensor
 from unifusion.encoders.base import Encoder, ImageList, images_to_list
 from unifusion.encoders.layers import resolve_layers
 from unifusion.encoders.tiling import tile_image, to_pil
+from unifusion.errors import first_line
 from unifusion.features import EncoderFeatures, EncoderSpec, TokenRole, parse_roles_spec, roles_names
 
 #: The VERIFI system prompt used when ``verifi=True`` and no ``system_prompt`` is given.
@@ -247,7 +248,7 @@ class HFEncoder(Encoder):
             self.config = AutoConfig.from_pretrained(path, revision=revision)
         except OSError as e:
             raise FileNotFoundError(
-                f"Could not load the encoder config from {path!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
+                f"Could not load the encoder config from {path!r} ({first_line(e, with_type=True)}). "
                 f"Put the checkpoint in the local Hugging Face cache first (e.g. `huggingface-cli download {path}`), "
                 f"point `path` at a local save_pretrained directory, or set `build_tiny_if_missing: <family>`."
             ) from e
