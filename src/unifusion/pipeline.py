@@ -574,17 +574,8 @@ class UniFusionPipeline(nn.Module, ModelHubMixin, library_name="unifusion", tags
         map_location: str | torch.device = "cpu",
         **overrides: Any,
     ) -> UniFusionPipeline:
-        folder = model_id
-        if not os.path.isdir(folder):
-            folder = _download_pipeline(
-                model_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
-        return load_pipeline_folder(folder, map_location=map_location, **overrides)
+        # from_pretrained has already made ``model_id`` a local folder (downloading a hub repo)
+        return load_pipeline_folder(model_id, map_location=map_location, **overrides)
 
 
 # ---------------------------------------------------------------------- loading helpers
