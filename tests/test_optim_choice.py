@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from unifusion.ema import EMA
-from unifusion.models import _fused_if_supported
+from unifusion.models import _fused_if_supported, keep_fused
 
 
 def _params(seed: int = 0) -> list[nn.Parameter]:
@@ -82,6 +82,39 @@ def test_the_quickstart_config_trains_with_fused_adamw(tmp_path):
     assert opt.defaults["lr"] == 2e-3 and opt.defaults["weight_decay"] == 0.0
     trainable = {id(p) for p in cli.model.trainable.parameters() if p.requires_grad}
     assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+
+
+def test_resuming_a_checkpoint_saved_before_the_fused_step_keeps_it_fused():
+    # load_state_dict copies the saved groups, `fused: None` included; on_train_start (after
+    # Lightning restored the optimizer) switches such groups back to the fused step
+    params = _params()
+    old = torch.optim.AdamW(params, lr=1e-3, foreach=None)
+    _steps(old, params, 1)
+    saved = old.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    new = _fused_if_supported(torch.optim.AdamW(params, lr=1e-3), params)
+    new.load_state_dict(saved)
+    assert new.param_groups[0]["fused"] is None  # torch's behaviour that made this necessary
+    keep_fused(new)
+    assert new.param_groups[0]["fused"] is True
+    _steps(new, params, 1)  # and it steps
+    explicit = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    keep_fused(explicit)  # a configured choice is left alone
+    assert explicit.param_groups[0]["fused"] is None and explicit.param_groups[0]["foreach"] is True
+
+
+def test_on_train_start_keeps_the_restored_optimizer_fused():
+    import types
+
+    from unifusion.models import UniFusionModel
+
+    params = _params()
+    opt = _fused_if_supported(torch.optim.AdamW(params, lr=1e-3), params)
+    for group in opt.param_groups:
+        group["fused"] = None  # as restored from an older checkpoint
+    model = types.SimpleNamespace(trainer=types.SimpleNamespace(optimizers=[opt]))
+    UniFusionModel.on_train_start(model)
+    assert all(group["fused"] is True for group in opt.param_groups)
 
 
 def test_multi_tensor_ema_update_equals_one_lerp_per_parameter():

@@ -335,6 +335,13 @@ class UniFusionModel(pl.LightningModule):
         checkpoint["encoder_metadata"] = self.encoder.cache_metadata()
         checkpoint["rng_state"] = _rng_state_plain()
 
+    def on_train_start(self) -> None:
+        # after Lightning restored the optimizer state: a checkpoint from before fused AdamW was
+        # really used carries `fused: None` in its param groups, which would bring back the
+        # for-loop step for the rest of the run
+        for optimizer in self.trainer.optimizers:
+            keep_fused(optimizer)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema_state_dict" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema_state_dict"])
@@ -442,6 +449,16 @@ def _fused_if_supported(optimizer: torch.optim.Optimizer, params: list[Tensor]) 
         return type(optimizer)(groups, **defaults, fused=True)
     except (RuntimeError, ValueError):  # fused unsupported for this build/device
         return optimizer
+
+
+def keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """Re-enable the fused step in param groups that a loaded state dict reset to ``fused: None``
+    (the choice left open when it was saved) while the optimizer itself was built fused."""
+    if optimizer.defaults.get("fused") is not True:
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") is None and group.get("foreach") is None:
+            group["fused"] = True
 
 
 def _rng_state_plain() -> dict[str, Any]:
