@@ -439,12 +439,12 @@ def _fused_if_supported(optimizer: torch.optim.Optimizer, params: list[Tensor]) 
         p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
     ):
         return optimizer
-    # only what the constructor takes: defaults also hold derived entries (AdamW's
-    # ``decoupled_weight_decay``, which AdamW.__init__ does not accept)
+    # only what the constructor takes, less the choice being replaced: defaults also hold
+    # derived entries (AdamW's ``decoupled_weight_decay``, which AdamW.__init__ does not accept)
     accepted = set(inspect.signature(type(optimizer).__init__).parameters) - {"self", "params", "fused", "foreach"}
-    derived = {"fused", "foreach"} | (set(d) - accepted)
-    groups = [{k: v for k, v in g.items() if k not in derived} for g in optimizer.param_groups]
-    defaults = {k: v for k, v in d.items() if k in accepted}
+    dropped = set(d) - accepted
+    groups = [{k: v for k, v in g.items() if k not in dropped} for g in optimizer.param_groups]
+    defaults = {k: v for k, v in d.items() if k not in dropped}
     try:
         return type(optimizer)(groups, **defaults, fused=True)
     except (RuntimeError, ValueError):  # fused unsupported for this build/device

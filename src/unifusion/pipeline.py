@@ -585,15 +585,20 @@ def _download_pipeline(model_id: str, **kwargs: Any) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    missing = f"model folder {model_id!r} does not exist (export one with `unifusion export`, or check the path)"
     try:
         validate_repo_id(model_id)
     except HFValidationError:
-        raise CheckpointError(missing) from None  # a path, not a hub id: say so, not hub's id rules
+        raise _missing_folder(model_id) from None  # a path, not a hub id: say so, not hub's id rules
     try:
         return snapshot_download(repo_id=model_id, **kwargs)
     except Exception as e:  # offline, unknown repo, gated: hub has many error types, one message suits all
-        raise CheckpointError(f"{missing[:-1]}; nor could it be fetched as a hub repo: {first_line(e)})") from e
+        raise _missing_folder(model_id, f"nor could it be fetched as a hub repo: {first_line(e)}") from e
+
+
+def _missing_folder(folder: str, more: str = "") -> CheckpointError:
+    """The error for a pipeline folder that is not there (``more``: why no hub repo stood in)."""
+    hint = "export one with `unifusion export`, or check the path" + (f"; {more}" if more else "")
+    return CheckpointError(f"model folder {folder!r} does not exist ({hint})")
 
 
 def _plain(obj: Any) -> Any:
@@ -607,7 +612,7 @@ def load_pipeline_folder(folder: str, map_location: str | torch.device = "cpu", 
 
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
-        raise CheckpointError(f"model folder {folder!r} does not exist (export one with `unifusion export`)")
+        raise _missing_folder(folder)
     if not os.path.isfile(cfg_path):
         raise CheckpointError(
             f"{folder!r} is not a UniFusion pipeline folder: it has no config.json "
