@@ -455,3 +455,77 @@ def test_a_feature_cache_with_a_pickle_is_refused_not_unpickled(tmp_path):
         dm.setup("fit")
         list(dm.train_dataloader())
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------- group_by_length
+def _captioned(i: int, words: int) -> dict:
+    s = _good(i)
+    s["txt"] = "a red circle" + " and more" * words
+    return s
+
+
+@pytest.fixture
+def varied_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "varied"
+    d.mkdir()
+    _write_tar(d / "v-000000.tar", [_captioned(i, int(rng.integers(0, 12))) for i in range(205)])
+    return d
+
+
+def _spread(dm) -> tuple[list[str], float]:
+    batches = list(dm.train_dataloader())
+    assert all(len(b["key"]) == 10 for b in batches)
+    spread = [max(map(len, b["prompt"])) - min(map(len, b["prompt"])) for b in batches]
+    return [k for b in batches for k in b["key"]], float(np.mean(spread))
+
+
+def test_group_by_length_batches_similar_prompts_and_keeps_the_epoch(varied_dir):
+    plain_keys, plain_spread = _spread(_dm([DataSource(str(varied_dir), "t2i")], batch_size=10))
+    dm = _dm([DataSource(str(varied_dir), "t2i")], batch_size=10, group_by_length=5)
+    keys, spread = _spread(dm)
+    # the same 20 full batches' worth of samples, each once (the ragged 5 dropped, as without)
+    assert len(keys) == len(set(keys)) == len(plain_keys) == 200
+    assert spread < plain_spread / 3, (spread, plain_spread)
+    # deterministic given (seed, epoch), so a resumed epoch can fast-forward; the next epoch differs
+    assert keys == _spread(_dm([DataSource(str(varied_dir), "t2i")], batch_size=10, group_by_length=5))[0]
+    loader = dm.train_dataloader()
+    first = [k for b in loader for k in b["key"]]
+    second = [k for b in loader for k in b["key"]]
+    assert first == keys and second != first and len(set(second)) == 200
+
+
+def test_group_by_length_resume_continues_the_epoch_exactly(varied_dir):
+    src = [DataSource(str(varied_dir), "t2i")]
+    full = [b["key"] for b in _dm(src, batch_size=10, group_by_length=5).train_dataloader()]
+    resumed = _dm(src, batch_size=10, group_by_length=5)
+    resumed.load_state_dict({"epoch": 0, "batches_in_epoch": 7})
+    assert [b["key"] for b in resumed.train_dataloader()] == full[7:]
+
+
+def test_group_by_length_leaves_evaluation_and_the_off_setting_alone(varied_dir):
+    src = [DataSource(str(varied_dir), "t2i")]
+    plain = _dm(src, batch_size=10, val_sources=src)
+    for g in (1, 8):
+        dm = _dm(src, batch_size=10, group_by_length=g, val_sources=src)
+        assert [b["key"] for b in dm.val_dataloader()] == [b["key"] for b in plain.val_dataloader()]
+    one = _dm(src, batch_size=10, group_by_length=1)
+    assert [b["key"] for b in one.train_dataloader()] == [b["key"] for b in plain.train_dataloader()]
+    with pytest.raises(ValueError, match="group_by_length must be >= 0"):
+        UniFusionDataModule(src, group_by_length=-1)
+
+
+def test_length_key_counts_cached_tokens_and_live_prompt_characters():
+    from unifusion.data.datamodule import _length_key
+
+    feats = EncoderFeatures(
+        hidden=torch.zeros(1, 7, 2, 4),
+        mask=torch.ones(1, 7, dtype=torch.bool),
+        roles=torch.zeros(1, 7, dtype=torch.int8),
+        layer_ids=(0, 1),
+    )
+    assert _length_key({"features": feats}) == (0, 7)
+    assert _length_key({"prompt": "a red circle", "images": []}) == (0, 12)
+    assert _length_key({"prompt": "make it blue", "images": [torch.zeros(3, 4, 4)]}) > _length_key(
+        {"prompt": "a much longer instruction than that one", "images": []}
+    )

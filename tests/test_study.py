@@ -119,9 +119,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
         "--dry_run=true",
         "--arms",
         "lap_no_refiner,lap_per_layer",
+        # its own --out: the checkout's runs/studies/ may hold a developer's earlier study,
+        # whose folders a changed study file rightly refuses to reuse
+        "--out",
+        str(tmp_path / "studies"),
         cwd=ROOT,
     )
-    assert r.returncode == 0 and "2 arms x 3 seeds = 6 runs" in r.stdout and "--model.refiner=null" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "2 arms x 3 seeds = 6 runs" in r.stdout and "--model.refiner=null" in r.stdout
+    assert not (tmp_path / "studies").exists()
 
 
 def test_mistakes_fail_with_one_clear_line(tmp_path: Path, capsys) -> None:

@@ -284,6 +284,16 @@ def _collate(task: str, cached: bool, items: list[dict[str, Any]]) -> dict[str, 
     return batch
 
 
+def _length_key(item: dict[str, Any]) -> tuple[int, int]:
+    """How many tokens a sample will pad to: its reference images first, then its text.
+
+    A cached sample knows its token count; a live one is measured by its prompt's characters
+    (the tokenizer runs later, in the model; characters order captions as tokens do, closely)."""
+    if "features" in item:
+        return 0, int(item["features"].seq_len)
+    return len(item.get("images") or ()), len(item.get("prompt") or "")
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -320,9 +330,11 @@ class _MixedBatches(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         cache_in_memory: bool = False,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
         self.cache_in_memory = cache_in_memory
+        self.group_by_length = group_by_length
         self.sources = sources
         self.batch_size, self.image_size, self.reference_size = batch_size, image_size, reference_size
         self.shuffle_buffer, self.epoch_length, self.resampled = shuffle_buffer, epoch_length, resampled
@@ -455,6 +467,10 @@ class _MixedBatches(IterableDataset):
         yield from buf
 
     def _batches(self, src: _SourceSpec) -> Iterator[dict[str, Any]]:
+        group = self.group_by_length if self.train else 0
+        if group > 1:
+            yield from self._length_grouped_batches(src, group)
+            return
         items: list[dict[str, Any]] = []
         for item in self._shuffled(self._samples(src), src):
             items.append(item)
@@ -464,6 +480,37 @@ class _MixedBatches(IterableDataset):
         # a ragged last batch only for evaluation: training keeps a constant batch shape
         if items and not self.train:
             yield _collate(src.task, src.cached, items)
+
+    def _length_grouped_batches(self, src: _SourceSpec, group: int) -> Iterator[dict[str, Any]]:
+        """Batches of samples of similar conditioning length (HF Trainer's ``group_by_length``).
+
+        The shuffled stream is read ``group`` batches at a time; each window is sorted by
+        :func:`_length_key` and cut into batches, which are handed out in a random order. A
+        batch then pads its prompts to about its own length instead of the window's longest:
+        every part of the step that runs on the padded tokens (VLM, refiner, the DiT's prefix)
+        does less work. Deterministic given (seed, epoch), like the shuffle, so resume is exact.
+        """
+        rank, _, worker, _ = self._info()
+        rng = random.Random(f"length-groups-{self.seed}-{src.index}-{self.epoch}-{rank}-{worker}")
+        window = group * self.batch_size
+        items: list[dict[str, Any]] = []
+
+        def cut(chunk: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            # the epoch's ragged tail is dropped before sorting, so the dropped samples are
+            # random ones (the shuffle's), not the longest
+            chunk = chunk[: len(chunk) // self.batch_size * self.batch_size]
+            chunk.sort(key=_length_key)
+            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            rng.shuffle(batches)
+            for b in batches:
+                yield _collate(src.task, src.cached, b)
+
+        for item in self._shuffled(self._samples(src), src):
+            items.append(item)
+            if len(items) == window:
+                yield from cut(items)
+                items = []
+        yield from cut(items)
 
     # -- the mix ---------------------------------------------------------------------
     def _limit(self) -> int | None:
@@ -614,6 +661,11 @@ class UniFusionDataModule(pl.LightningDataModule):
             their target images decoded, once per process, instead of memory-mapped and decoded
             per sample. Fastest when the cache fits in RAM (each DataLoader worker holds its
             own copy; with workers, use ``num_workers: 0`` or persistent workers).
+        group_by_length: training batches of similar prompt length: each window of this
+            many batches (after the shuffle buffer) is sorted by length and cut into batches,
+            handed out in random order, so a batch pads its tokens to about its own length
+            (the quickstart: 16, a 1.04x faster step). 0 or 1: off (a batch is any
+            ``batch_size`` consecutive samples of the shuffled stream).
     """
 
     def __init__(
@@ -631,9 +683,15 @@ class UniFusionDataModule(pl.LightningDataModule):
         reference_size: int | None = None,
         pin_memory: bool = False,
         cache_in_memory: bool = False,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
         self.cache_in_memory = cache_in_memory
+        if group_by_length < 0:
+            raise ValueError(
+                f"group_by_length must be >= 0 (batches per length-sorted window; 0 = off), got {group_by_length}"
+            )
+        self.group_by_length = group_by_length
         self.sources = _as_sources(sources, "sources")
         if not self.sources:
             raise ValueError("UniFusionDataModule needs at least one entry in `sources` (path + task)")
@@ -820,6 +878,7 @@ class UniFusionDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world,
             cache_in_memory=self.cache_in_memory,
+            group_by_length=self.group_by_length,
         )
 
     def _rank_and_world(self) -> tuple[int, int]:
@@ -914,4 +973,5 @@ class UniFusionDataModule(pl.LightningDataModule):
             "epoch_length": self.epoch_length,
             "resampled": self.resampled,
             "seed": self.seed,
+            "group_by_length": self.group_by_length,
         }
