@@ -529,3 +529,12 @@ def test_length_key_counts_cached_tokens_and_live_prompt_characters():
     assert _length_key({"prompt": "make it blue", "images": [torch.zeros(3, 4, 4)]}) > _length_key(
         {"prompt": "a much longer instruction than that one", "images": []}
     )
+
+
+def test_group_by_length_with_two_workers_keeps_each_sample_once(varied_dir):
+    src = [DataSource(str(varied_dir), "t2i")]
+    dm = _dm(src, batch_size=10, group_by_length=5, num_workers=2)
+    keys, spread = _spread(dm)
+    assert len(keys) == len(set(keys)) == 200  # each worker drops its own ragged tail (102 -> 100, 103 -> 100)
+    assert spread < _spread(_dm(src, batch_size=10, num_workers=2))[1] / 3
+    assert keys == _spread(_dm(src, batch_size=10, group_by_length=5, num_workers=2))[0]
