@@ -467,47 +467,36 @@ class _MixedBatches(IterableDataset):
         yield from buf
 
     def _batches(self, src: _SourceSpec) -> Iterator[dict[str, Any]]:
-        group = self.group_by_length if self.train else 0
-        if group > 1:
-            yield from self._length_grouped_batches(src, group)
-            return
-        items: list[dict[str, Any]] = []
-        for item in self._shuffled(self._samples(src), src):
-            items.append(item)
-            if len(items) == self.batch_size:
-                yield _collate(src.task, src.cached, items)
-                items = []
-        # a ragged last batch only for evaluation: training keeps a constant batch shape
-        if items and not self.train:
-            yield _collate(src.task, src.cached, items)
-
-    def _length_grouped_batches(self, src: _SourceSpec, group: int) -> Iterator[dict[str, Any]]:
-        """Batches of samples of similar conditioning length (HF Trainer's ``group_by_length``).
-
-        The shuffled stream is read ``group`` batches at a time; each window is sorted by
-        :func:`_length_key` and cut into batches, which are handed out in a random order. A
+        """Batches of the shuffled stream, read a window at a time: one batch, or with
+        ``group_by_length`` (training) that many batches, sorted by :func:`_length_key` and
+        cut into batches handed out in a random order (HF Trainer's ``group_by_length``). A
         batch then pads its prompts to about its own length instead of the window's longest:
         every part of the step that runs on the padded tokens (VLM, refiner, the DiT's prefix)
         does less work. Deterministic given (seed, epoch), like the shuffle, so resume is exact.
         """
-        rank, _, worker, _ = self._info()
-        rng = random.Random(f"length-groups-{self.seed}-{src.index}-{self.epoch}-{rank}-{worker}")
-        window = group * self.batch_size
-        items: list[dict[str, Any]] = []
+        group = self.group_by_length if self.train and self.group_by_length > 1 else 1
+        rng = None
+        if group > 1:
+            rank, _, worker, _ = self._info()
+            rng = random.Random(f"length-groups-{self.seed}-{src.index}-{self.epoch}-{rank}-{worker}")
 
-        def cut(chunk: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-            # the epoch's ragged tail is dropped before sorting, so the dropped samples are
-            # random ones (the shuffle's), not the longest
-            chunk = chunk[: len(chunk) // self.batch_size * self.batch_size]
-            chunk.sort(key=_length_key)
-            batches = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-            rng.shuffle(batches)
+        def cut(window: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            if self.train:
+                # training keeps a constant batch shape: the epoch's ragged tail is dropped, and
+                # before sorting, so the dropped samples are random ones (the shuffle's), not the longest
+                window = window[: len(window) // self.batch_size * self.batch_size]
+            if rng is not None:
+                window.sort(key=_length_key)
+            batches = [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+            if rng is not None:
+                rng.shuffle(batches)
             for b in batches:
                 yield _collate(src.task, src.cached, b)
 
+        items: list[dict[str, Any]] = []
         for item in self._shuffled(self._samples(src), src):
             items.append(item)
-            if len(items) == window:
+            if len(items) == group * self.batch_size:
                 yield from cut(items)
                 items = []
         yield from cut(items)
@@ -687,10 +676,6 @@ class UniFusionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.cache_in_memory = cache_in_memory
-        if group_by_length < 0:
-            raise ValueError(
-                f"group_by_length must be >= 0 (batches per length-sorted window; 0 = off), got {group_by_length}"
-            )
         self.group_by_length = group_by_length
         self.sources = _as_sources(sources, "sources")
         if not self.sources:
@@ -708,6 +693,10 @@ class UniFusionDataModule(pl.LightningDataModule):
             raise ValueError(f"epoch_length must be >= 1 or None, got {epoch_length}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if group_by_length < 0:
+            raise ValueError(
+                f"group_by_length must be >= 0 (batches per length-sorted window; 0 = off), got {group_by_length}"
+            )
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.shuffle_buffer, self.epoch_length, self.resampled = shuffle_buffer, epoch_length, resampled
         self.seed, self.reference_size, self.pin_memory = seed, reference_size, pin_memory
