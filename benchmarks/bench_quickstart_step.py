@@ -7,14 +7,15 @@ batches from the config's data module (the quickstart trains live, with the VLM 
 - **before** reproduces the previous code path: the conditioner sees every real token of the
   chat template (``encoder.roles: all``; 16 of ~19 tokens are template, and the whole template
   runs through the VLM), the processor is called once per sample, plain (for-loop) AdamW, the
-  EMA updated one parameter at a time, glibc's default allocator, and batches of any caption
-  lengths (``data.group_by_length: 0``);
+  EMA updated one parameter at a time, glibc's default allocator, batches of any caption
+  lengths (``data.group_by_length: 0``), and the DiT's SwiGLU at its unaligned width
+  (``ffn_multiple_of: 1``: 341 for width 128);
 - **after** is the code as configured and as the ``unifusion`` command runs it: the paper's
   default roles (user text), the VLM stopped after the last kept token, one processor call per
   batch, fused AdamW, a multi-tensor EMA update, freed memory kept for reuse
-  (:mod:`unifusion.allocator`: no page faults on the next step's activations), and the
+  (:mod:`unifusion.allocator`: no page faults on the next step's activations), the
   config's length-grouped batches (``data.group_by_length``: each padded to about its own
-  longest caption);
+  longest caption), and the config's aligned SwiGLU width (``ffn_multiple_of``);
 - **after+compile** (``--compile``) adds ``torch.compile`` of the DiT (``model.compile: true``).
 
 The allocator is a per-process setting, so by default each mode runs in its own worker
@@ -85,7 +86,15 @@ def _build(cfg: str, mode: str, compile_dit: bool = False) -> tuple[Any, Any, to
     """``(model, datamodule, optimizer, clip)`` of one mode, built through the real CLI."""
     from unifusion.lightning_cli import lightning_main
 
-    extra = ["--model.encoder.init_args.roles=all", "--data.init_args.group_by_length=0"] if mode == "before" else []
+    extra = (
+        [
+            "--model.encoder.init_args.roles=all",
+            "--data.init_args.group_by_length=0",
+            "--model.backbone.init_args.ffn_multiple_of=1",
+        ]
+        if mode == "before"
+        else []
+    )
     cli = lightning_main(["-c", cfg, *extra], run=False)
     dm = cli.datamodule
     dm.prepare_data()

@@ -58,3 +58,17 @@ def test_presets_from_config_with_overrides():
     cfg = parser.parse_object({"backbone": {"class_path": "unifusion.backbones.DiT", "init_args": {"preset": "base"}}})
     built = parser.instantiate(cfg).backbone(LatentSpec(3, 1))
     assert (built.width, built.depth, built.num_heads) == (768, 12, 12)
+
+
+def test_ffn_multiple_of_rounds_the_swiglu_width_up():
+    # the default keeps round(D * mlp_ratio): existing checkpoints load unchanged
+    assert DiT(image_size=16, in_channels=3).blocks[0].ff.hidden_dim == 341
+    aligned = DiT(image_size=16, in_channels=3, ffn_multiple_of=8)
+    assert {b.ff.hidden_dim for b in aligned.blocks} == {344}
+    assert aligned.blocks[0].ff.down.in_features == 344
+    assert DiT(image_size=16, in_channels=3, mlp_ratio=2.0, ffn_multiple_of=8).blocks[0].ff.hidden_dim == 256
+    x = torch.randn(2, 3, 16, 16)
+    cond = Conditioning(tokens=torch.randn(2, 3, 128), mask=torch.ones(2, 3, dtype=torch.bool))
+    assert aligned(x, torch.rand(2), cond).shape == x.shape
+    with pytest.raises(ValueError, match="ffn_multiple_of must be >= 1"):
+        DiT(image_size=16, in_channels=3, ffn_multiple_of=0)
