@@ -156,7 +156,8 @@ class FeedForward(KernelImplMixin, nn.Module):
 
     ``gated=True`` (default) is SwiGLU, ``down(silu(gate(x)) * up(x))`` through
     :func:`unifusion.kernels.swiglu`; ``gated=False`` is the plain ``down(silu(up(x)))``.
-    ``hidden_dim`` overrides ``mult`` (Krea-2 gives an explicit intermediate size).
+    ``hidden_dim`` overrides ``mult`` (Krea-2 gives an explicit intermediate size);
+    ``multiple_of`` rounds the width from ``mult`` up (LLaMA's ``multiple_of``).
     """
 
     def __init__(
@@ -166,9 +167,10 @@ class FeedForward(KernelImplMixin, nn.Module):
         hidden_dim: int | None = None,
         gated: bool = True,
         bias: bool = False,
+        multiple_of: int = 1,
     ) -> None:
         super().__init__()
-        hidden = hidden_dim if hidden_dim is not None else ffn_hidden_size(dim, mult)
+        hidden = hidden_dim if hidden_dim is not None else ffn_hidden_size(dim, mult, multiple_of)
         self.gated = gated
         self.hidden_dim = hidden
         self.gate = nn.Linear(dim, hidden, bias=bias) if gated else None

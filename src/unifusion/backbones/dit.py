@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from unifusion.autoencoders import LatentSpec
 from unifusion.conditioners.base import BackboneSpec, Conditioning
-from unifusion.layers import FeedForward, RMSNorm, SequenceAttention, ffn_hidden_size
+from unifusion.layers import FeedForward, RMSNorm, SequenceAttention
 
 __all__ = ["DIT_PRESETS", "DiT", "DiTBlock", "TimestepEmbedder", "rope_2d"]
 
@@ -146,7 +146,7 @@ class DiTBlock(nn.Module):
         self.norm1 = RMSNorm(width, elementwise_affine=False)
         self.attn = SequenceAttention(width, num_heads, qk_norm=qk_norm, bias=True)
         self.norm2 = RMSNorm(width, elementwise_affine=False)
-        self.ff = FeedForward(width, hidden_dim=ffn_hidden_size(width, mlp_ratio, ffn_multiple_of), bias=False)
+        self.ff = FeedForward(width, mult=mlp_ratio, bias=False, multiple_of=ffn_multiple_of)
         if adaln == "block":
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
             self.scale_shift_table = None
