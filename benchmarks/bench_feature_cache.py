@@ -12,7 +12,9 @@ batches from the **real data module**:
   (``cached_mem``).
 
 Before timing, one cached batch is checked against a live encode of the same samples
-(same tokens, roles and features up to fp16). Modes are timed **interleaved** (windows of
+(same tokens, roles and features up to fp16), and every mode trains on the **same batches** in
+the same order (one plan drawn from the cached loader; each mode still fetches a batch from its
+own loader, so the data column is its real cost). Modes are timed **interleaved** (windows of
 ``--steps`` steps, the mode order rotating between windows) and the **median** window is
 reported, with where the time goes: fetching the batch, the encoder (live only) and the
 rest of the step. The machine may be shared: the spread between windows is printed too.
@@ -163,12 +165,42 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 batch = next(loaders[mode])
             return batch
 
+        # Every mode trains on the same batches in the same order: the loaders shuffle and group
+        # by length differently (characters live, tokens cached), and 8-step windows of different
+        # batches differ by up to 2x in tokens. The k-th step of each mode still fetches its batch
+        # from its own loader (the data column is the real cost), then trains on the k-th batch
+        # of one plan drawn from the cached loader: live gets its keys' captions and targets,
+        # the cached modes its features and targets.
+        plan_dm = dms[modes[1]] if len(modes) > 1 else live_dm
+        plan: list[dict[str, Any]] = []
+        while len(plan) < args.warmup + args.windows * args.steps + 1:
+            plan.extend(plan_dm.train_dataloader())
+        if len(modes) > 1:
+            from unifusion.data.shards import read_samples
+
+            captions = {s["__key__"]: s["txt"].decode() for s in read_samples(shapes_dir)}
+        taken = {m: 0 for m in modes}
+
+        def planned(mode: str, batch: dict[str, Any]) -> dict[str, Any]:
+            if len(modes) == 1:
+                return batch
+            want = plan[taken[mode]]
+            taken[mode] += 1
+            out = {**batch, "key": want["key"], "target": want["target"]}
+            if "features" in batch:
+                out["features"] = want["features"]
+            else:
+                out["prompt"] = [captions[k] for k in want["key"]]
+                out["images"] = [[] for _ in want["key"]]  # the cache holds t2i samples only
+            return out
+
         def step(mode: str, i: int) -> tuple[float, ...]:
             """Seconds: (total, data, encoder, rest of forward, backward, clip + optimizer + EMA)."""
             m = models[mode]
             t0 = time.perf_counter()
             batch = next_batch(mode)
             t1 = time.perf_counter()
+            batch = planned(mode, batch)
             enc0 = timers[mode].seconds
             loss = m.training_step(batch, i)
             t2 = time.perf_counter()
@@ -185,7 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             return t4 - t0, t1 - t0, enc, t2 - t1 - enc, t3 - t2, t4 - t3
 
         if "cached" in modes or "cached_mem" in modes:
-            same = _check_same_tokens(model, next_batch(modes[1]), shapes_dir)
+            same = _check_same_tokens(model, plan[-1], shapes_dir) + "; every mode trains on the same batches"
         else:
             same = "same tokens: not checked (no cached mode)"
         for mode in modes:

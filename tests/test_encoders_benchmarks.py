@@ -51,7 +51,7 @@ def test_bench_feature_cache_smoke(tmp_path, capsys, load_benchmark):
     assert rows[0]["encoder_ms"] > 0 and rows[1]["encoder_ms"] == 0 == rows[2]["encoder_ms"]
     out = capsys.readouterr().out
     assert "same tokens live and cached: yes" in out and "cached vs live" in out
-    assert "conditioning input (data + encoder): live" in out
+    assert "conditioning input (data + encoder): live" in out and "every mode trains on the same batches" in out
 
 
 @pytest.mark.parametrize("name", ["bench_truncated_forward", "bench_feature_cache"])
