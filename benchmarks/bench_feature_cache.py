@@ -84,12 +84,9 @@ class _Timer:
             self.seconds += time.perf_counter() - t0
 
 
-def _check_same_tokens(model: Any, cached_batch: dict[str, Any], shapes_dir: str) -> str:
+def _check_same_tokens(model: Any, cached_batch: dict[str, Any], captions: dict[str, str]) -> str:
     """A cached batch equals a live encode of the same samples (mask, roles, fp16 features)."""
-    from unifusion.data.shards import read_samples
-
     keys = list(cached_batch["key"])
-    captions = {s["__key__"]: s["txt"].decode() for s in read_samples(shapes_dir) if s["__key__"] in set(keys)}
     live = model.encoder.encode([captions[k] for k in keys], task="t2i")
     got = cached_batch["features"].select_layers(list(live.layer_ids))
     if not (torch.equal(got.mask, live.mask) and torch.equal(got.roles, live.roles)):
@@ -171,18 +168,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         # from its own loader (the data column is the real cost), then trains on the k-th batch
         # of one plan drawn from the cached loader: live gets its keys' captions and targets,
         # the cached modes its features and targets.
-        plan_dm = dms[modes[1]] if len(modes) > 1 else live_dm
         plan: list[dict[str, Any]] = []
-        while len(plan) < args.warmup + args.windows * args.steps + 1:
-            plan.extend(plan_dm.train_dataloader())
-        if len(modes) > 1:
+        captions: dict[str, str] = {}
+        if len(modes) > 1:  # live alone has nothing to agree with
             from unifusion.data.shards import read_samples
 
+            while len(plan) < args.warmup + args.windows * args.steps + 1:
+                plan.extend(dms[modes[1]].train_dataloader())
             captions = {s["__key__"]: s["txt"].decode() for s in read_samples(shapes_dir)}
         taken = {m: 0 for m in modes}
 
         def planned(mode: str, batch: dict[str, Any]) -> dict[str, Any]:
-            if len(modes) == 1:
+            if not plan:
                 return batch
             want = plan[taken[mode]]
             taken[mode] += 1
@@ -216,8 +213,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             enc = timers[mode].seconds - enc0
             return t4 - t0, t1 - t0, enc, t2 - t1 - enc, t3 - t2, t4 - t3
 
-        if "cached" in modes or "cached_mem" in modes:
-            same = _check_same_tokens(model, plan[-1], shapes_dir) + "; every mode trains on the same batches"
+        if plan:
+            same = _check_same_tokens(model, plan[-1], captions) + "; every mode trains on the same batches"
         else:
             same = "same tokens: not checked (no cached mode)"
         for mode in modes:
