@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import os
 import sys
 import tempfile
@@ -40,32 +39,12 @@ from typing import Any
 import torch
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import write_csv  # noqa: E402
+from bench_quickstart_step import experiment_config  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("live", "cached", "cached_mem")
-
-
-def _config(args: argparse.Namespace, work: str) -> tuple[str, dict[str, Any]]:
-    """The experiment config with its data redirected to a ``--samples`` shapes set in ``work``
-    (everything else — encoder, conditioner, DiT, batch size, optimizer — as configured)."""
-    with open(args.config) as f:
-        cfg = yaml.safe_load(f)
-    cfg["trainer"]["logger"] = False
-    cfg["trainer"]["callbacks"] = []
-    cfg["trainer"]["default_root_dir"] = os.path.join(work, "runs")
-    enc = cfg["model"]["encoder"]["init_args"]
-    if not os.path.isabs(enc["path"]):
-        # the tiny VLM is built in the scratch folder unless the repo already has it
-        local = os.path.join(REPO, enc["path"])
-        enc["path"] = local if os.path.isfile(os.path.join(local, "config.json")) else os.path.join(work, enc["path"])
-    data = cfg["data"]["init_args"]
-    gen = dict(data.get("generate_shapes") or {})
-    gen.update(num=args.samples, val_num=0)
-    data.update(sources=[{"path": os.path.join(work, "shapes"), "task": "t2i"}], generate_shapes=gen)
-    data.pop("val_sources", None)
-    path = os.path.join(work, "config.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return path, data
 
 
 class _Timer:
@@ -120,7 +99,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from unifusion.encoders.cache import write_feature_cache
 
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as work:
-        cfg_path, data_args = _config(args, work)
+        cfg_path = experiment_config(args.config, work, args.samples)
+        with open(cfg_path) as f:
+            data_args = yaml.safe_load(f)["data"]["init_args"]
         t0 = time.perf_counter()
         cli = lightning_main(["-c", cfg_path], run=False)
         model, live_dm = cli.model, cli.datamodule
@@ -288,11 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"({live_input / max(cached_input, 1e-9):.1f}x)"
         )
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, args.csv)
     return rows
 
 

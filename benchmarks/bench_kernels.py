@@ -30,7 +30,8 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -304,8 +305,12 @@ def run_case(case: Case, dtype_name: str, cuda: bool, modes: list[str]) -> list[
     return rows
 
 
-def print_table(rows: list[Row]) -> None:
-    cols = ["op", "shape", "dtype", "impl", "mode", "ms", "peak_mem_mb", "gbps", "frac_peak", "speedup_vs_eager"]
+KERNEL_COLUMNS = ["op", "shape", "dtype", "impl", "mode", "ms", "peak_mem_mb", "gbps", "frac_peak", "speedup_vs_eager"]
+
+
+def print_table(rows: list[Any], cols: list[str] | None = None) -> None:
+    """``rows`` (dataclasses) as an aligned text table of the fields ``cols`` (default: this script's)."""
+    cols = cols or KERNEL_COLUMNS
     data = [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(d[i]) for d in data)) if data else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -314,13 +319,14 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(x.ljust(w) for x, w in zip(d, widths)))
 
 
-def write_csv(rows: list[Row], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_csv(rows: list[Any], path: str) -> None:
+    """``rows`` (dataclasses or dicts, one schema) as a CSV file at ``path``; its folder is created."""
+    dicts = [asdict(r) if is_dataclass(r) else dict(r) for r in rows]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        w = csv.DictWriter(f, fieldnames=list(dicts[0]))
         w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
+        w.writerows(dicts)
 
 
 def check_targets(rows: list[Row]) -> None:

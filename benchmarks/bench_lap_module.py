@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DTYPES, device_name, results_path, versions, write_csv  # noqa: E402
+from bench_kernels import DTYPES, device_name, peak_mem_mb, print_table, results_path, versions, write_csv  # noqa: E402
 
 from unifusion.conditioners import (  # noqa: E402
     BackboneSpec,
@@ -184,15 +184,8 @@ def cpu_peak_mb(fn: Callable[[], object]) -> float:
 
 
 def peak_mb(fn: Callable[[], object], cuda: bool) -> float:
-    if not cuda:
-        return cpu_peak_mb(fn)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    """Peak memory (MB) of one ``fn()`` above what was live before: CUDA's counter, or the CPU allocator's."""
+    return peak_mem_mb(fn, cuda) if cuda else cpu_peak_mb(fn)
 
 
 def check_equal(krea: nn.Module, ours: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, layer_ids) -> float:
@@ -327,23 +320,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
             )
 
     print(f"\nmedian of {args.reps} interleaved rounds; vs_krea2 = time of {BASELINE} / time of the row")
-    print_table(rows)
+    print_table(rows, ["module", "mode", "ms", "peak_mem_mb", "vs_krea2"])
     report_targets(rows, cuda)
     if rows:
         path = args.out or results_path("bench_lap_module")
         write_csv(rows, path)
         print(f"\nwrote {path}")
     return rows
-
-
-def print_table(rows: list[Row]) -> None:
-    cols = ["module", "mode", "ms", "peak_mem_mb", "vs_krea2"]
-    data = [[str(getattr(r, c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(d[i]) for d in data)) if data else len(c) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for d in data:
-        print("  ".join(x.ljust(w) for x, w in zip(d, widths)))
 
 
 def report_targets(rows: list[Row], cuda: bool) -> None:

@@ -16,7 +16,13 @@ batches from the config's data module (the quickstart trains live, with the VLM 
   (:mod:`unifusion.allocator`: no page faults on the next step's activations), the
   config's length-grouped batches (``data.group_by_length``: each padded to about its own
   longest caption), and the config's aligned SwiGLU width (``ffn_multiple_of``);
-- **after+compile** (``--compile``) adds ``torch.compile`` of the DiT (``model.compile: true``).
+- **after+compile** (``--compile``) adds ``torch.compile`` of the DiT (``model.compile: true``);
+- **after+cache** (``--cache``) is *after* trained from the feature cache instead of the live VLM:
+  the same samples written once by ``write_feature_cache`` (what ``unifusion cache`` runs) and
+  read back through the data module's cached path from memory (``cache_in_memory: true``), as a
+  researcher trains once the features are cached (``bench_feature_cache.py`` compares live and
+  cached at the same code on the same batches; this row is the whole before -> after). With both
+  ``--compile`` and ``--cache``, **after+compile+cache** has every speed-up at once.
 
 The allocator is a per-process setting, so by default each mode runs in its own worker
 process and the parent alternates windows of ``--steps`` steps between them (rotating order),
@@ -28,12 +34,12 @@ shared machine.
 
     python benchmarks/bench_quickstart_step.py              # ~3 min on 2 cores
     python benchmarks/bench_quickstart_step.py --compile    # + compiled DiT (~1 min cold compile)
+    python benchmarks/bench_quickstart_step.py --cache      # + trained from the in-memory feature cache
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import os
 import statistics
@@ -47,11 +53,16 @@ from typing import Any
 import torch
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import write_csv  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(path: str, work: str, samples: int) -> str:
-    """The experiment config without loggers/callbacks, its data in ``work`` (``samples`` scenes)."""
+def experiment_config(path: str, work: str, samples: int) -> str:
+    """The experiment config at ``path`` for a benchmark: no loggers or callbacks, its data a new
+    ``samples``-scene shapes set in ``work`` (encoder, conditioner, DiT, batch size and optimizer
+    as configured); returns the written config's path. ``bench_feature_cache.py`` uses it too."""
     with open(path) as f:
         cfg = yaml.safe_load(f)
     cfg["trainer"]["logger"] = False
@@ -59,6 +70,7 @@ def _config(path: str, work: str, samples: int) -> str:
     cfg["trainer"]["default_root_dir"] = os.path.join(work, "runs")
     enc = cfg["model"]["encoder"]["init_args"]
     if not os.path.isabs(enc["path"]):
+        # the tiny VLM is built in the scratch folder unless the repo already has it
         local = os.path.join(REPO, enc["path"])
         enc["path"] = local if os.path.isfile(os.path.join(local, "config.json")) else os.path.join(work, enc["path"])
     data = cfg["data"]["init_args"]
@@ -69,6 +81,26 @@ def _config(path: str, work: str, samples: int) -> str:
     out = os.path.join(work, "config.yaml")
     with open(out, "w") as f:
         yaml.safe_dump(cfg, f)
+    return out
+
+
+def _cached_config(cfg: str, work: str) -> str:
+    """``cfg`` trained from a feature cache of its data, read from memory (written once here)."""
+    from unifusion.encoders.cache import write_feature_cache
+    from unifusion.lightning_cli import lightning_main
+
+    with open(cfg) as f:
+        c = yaml.safe_load(f)
+    data = c["data"]["init_args"]
+    cli = lightning_main(["-c", cfg], run=False)
+    cli.datamodule.prepare_data()
+    cache = os.path.join(work, "cache")
+    write_feature_cache(cli.model.encoder, data["sources"][0]["path"], cache, batch_size=data["batch_size"], task="t2i")
+    data.update(sources=[{"path": cache, "task": "t2i", "cached": True}], cache_in_memory=True)
+    data.pop("generate_shapes", None)
+    out = os.path.join(work, "config_cached.yaml")
+    with open(out, "w") as f:
+        yaml.safe_dump(c, f)
     return out
 
 
@@ -118,8 +150,10 @@ class _Stepper:
 
     def __init__(self, cfg: str, mode: str) -> None:
         self.mode = mode
+        if "cache" in mode:
+            cfg = os.path.join(os.path.dirname(cfg), "config_cached.yaml")  # written by _cached_config
         self.model, self.dm, self.opt, self.clip = _build(
-            cfg, "before" if mode == "before" else "after", compile_dit=mode == "after+compile"
+            cfg, "before" if mode == "before" else "after", compile_dit="compile" in mode
         )
         self.loader: Any = None
         self.i = 0
@@ -207,6 +241,12 @@ class _Remote:
         self.proc.wait(timeout=60)
 
 
+def timed_modes(compile_dit: bool = False, cache: bool = False) -> list[str]:
+    """The modes a run times: ``before``, ``after``, then the opt-in variants of ``after``."""
+    modes = ["before", "after"] + (["after+compile"] if compile_dit else []) + (["after+cache"] if cache else [])
+    return modes + (["after+compile+cache"] if compile_dit and cache else [])  # every speed-up at once
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(REPO, "experiments", "quickstart.yaml"))
@@ -216,6 +256,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time the DiT compiled (after+compile)")
+    p.add_argument("--cache", action="store_true", help="also time after trained from the in-memory feature cache")
     p.add_argument(
         "--one_process",
         action="store_true",
@@ -232,10 +273,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*self.log.*")
 
-    modes = ["before", "after"] + (["after+compile"] if args.compile else [])
+    modes = timed_modes(compile_dit=args.compile, cache=args.cache)
     with tempfile.TemporaryDirectory(prefix="bench-qs-") as work:
-        cfg = _config(args.config, work, args.samples)
+        cfg = experiment_config(args.config, work, args.samples)
         t0 = time.perf_counter()
+        if args.cache:
+            _cached_config(cfg, work)  # data, tiny VLM and the cache, once, before any mode starts
         runners: dict[str, Any] = {}
         try:
             if args.one_process:
@@ -283,24 +326,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
     name = os.path.relpath(args.config, REPO) if args.config.startswith(REPO) else args.config
     where = "all modes in one process" if args.one_process else "one process per mode, windows interleaved"
-    print(f"# {name}: real training step, live data, batch {batch_size}, {torch.get_num_threads()} threads; {where}")
+    data = "live data" + (" (after+cache: the in-memory feature cache of the same samples)" if args.cache else "")
+    print(f"# {name}: real training step, {data}, batch {batch_size}, {torch.get_num_threads()} threads; {where}")
     print(
         f"# conditioning tokens for 'a red circle': before {tokens['before']}, after {tokens['after']}; "
         f"set-up + warm-up {warm_s:.0f} s; median of {args.windows} interleaved windows x {args.steps} steps"
     )
-    print(f"{'mode':>14} | {'ms/step':>8} | {'it/s':>6} | {'min..max ms':>15} | speed-up vs before | paired")
+    print(f"{'mode':>19} | {'ms/step':>8} | {'it/s':>6} | {'min..max ms':>15} | speed-up vs before | paired")
     for r in rows:
         span = f"{r['min_ms']}..{r['max_ms']}"
         print(
-            f"{r['mode']:>14} | {r['ms_per_step']:>8} | {r['it_per_s']:>6} | {span:>15} | "
+            f"{r['mode']:>19} | {r['ms_per_step']:>8} | {r['it_per_s']:>6} | {span:>15} | "
             f"{r['speedup_vs_before']:>17.2f}x | {r['paired_speedup']:.2f}x"
         )
     if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(rows, args.csv)
     return rows
 
 
