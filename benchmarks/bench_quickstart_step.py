@@ -84,21 +84,22 @@ def experiment_config(path: str, work: str, samples: int) -> str:
     return out
 
 
-def _cached_config(cfg: str, work: str) -> str:
-    """``cfg`` trained from a feature cache of its data, read from memory (written once here)."""
+#: the cached modes' config, beside the live one (written by :func:`_write_cached_config`)
+CACHED_CONFIG = "config_cached.yaml"
+
+
+def _write_cached_config(cfg: str, encoder: Any) -> str:
+    """``cfg`` trained from a feature cache of its data (written here by ``encoder``), read from memory."""
     from unifusion.encoders.cache import write_feature_cache
-    from unifusion.lightning_cli import lightning_main
 
     with open(cfg) as f:
         c = yaml.safe_load(f)
     data = c["data"]["init_args"]
-    cli = lightning_main(["-c", cfg], run=False)
-    cli.datamodule.prepare_data()
-    cache = os.path.join(work, "cache")
-    write_feature_cache(cli.model.encoder, data["sources"][0]["path"], cache, batch_size=data["batch_size"], task="t2i")
+    cache = os.path.join(os.path.dirname(cfg), "cache")
+    write_feature_cache(encoder, data["sources"][0]["path"], cache, batch_size=data["batch_size"], task="t2i")
     data.update(sources=[{"path": cache, "task": "t2i", "cached": True}], cache_in_memory=True)
     data.pop("generate_shapes", None)
-    out = os.path.join(work, "config_cached.yaml")
+    out = os.path.join(os.path.dirname(cfg), CACHED_CONFIG)
     with open(out, "w") as f:
         yaml.safe_dump(c, f)
     return out
@@ -151,7 +152,7 @@ class _Stepper:
     def __init__(self, cfg: str, mode: str) -> None:
         self.mode = mode
         if "cache" in mode:
-            cfg = os.path.join(os.path.dirname(cfg), "config_cached.yaml")  # written by _cached_config
+            cfg = os.path.join(os.path.dirname(cfg), CACHED_CONFIG)
         self.model, self.dm, self.opt, self.clip = _build(
             cfg, "before" if mode == "before" else "after", compile_dit="compile" in mode
         )
@@ -277,8 +278,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-qs-") as work:
         cfg = experiment_config(args.config, work, args.samples)
         t0 = time.perf_counter()
+        from unifusion.lightning_cli import lightning_main
+
+        # the data, the tiny VLM (and the feature cache) are written once, before any mode starts
+        cli = lightning_main(["-c", cfg], run=False)
+        cli.datamodule.prepare_data()
         if args.cache:
-            _cached_config(cfg, work)  # data, tiny VLM and the cache, once, before any mode starts
+            _write_cached_config(cfg, cli.model.encoder)
+        del cli
         runners: dict[str, Any] = {}
         try:
             if args.one_process:
@@ -289,10 +296,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 tokens = {mode: runners[mode].tokens() for mode in ("before", "after")}
                 windows_of = {mode: (lambda r=r: r.window(args.steps)) for mode, r in runners.items()}
             else:
-                from unifusion.lightning_cli import lightning_main
-
-                # the data and the tiny VLM are written once, before the workers start
-                lightning_main(["-c", cfg], run=False).datamodule.prepare_data()
                 for mode in modes:  # one at a time: warm-ups do not compete for the cores
                     runners[mode] = _Remote(cfg, mode, args)
                 tokens = {mode: runners[mode].tokens for mode in ("before", "after")}
