@@ -16,7 +16,8 @@ batches from the config's data module (the quickstart trains live, with the VLM 
   (:mod:`unifusion.allocator`: no page faults on the next step's activations), the
   config's length-grouped batches (``data.group_by_length``: each padded to about its own
   longest caption), and the config's aligned SwiGLU width (``ffn_multiple_of``);
-- **after+compile** (``--compile``) adds ``torch.compile`` of the DiT (``model.compile: true``);
+- **after+compile** (``--compile``) adds ``model.compile: true``: ``torch.compile`` of the DiT and the
+  refiner, applied where ``fit`` applies it (``on_fit_start``);
 - **after+cache** (``--cache``) is *after* trained from the feature cache instead of the live VLM:
   the same samples written once by ``write_feature_cache`` (what ``unifusion cache`` runs) and
   read back through the data module's cached path from memory (``cache_in_memory: true``), as a
@@ -33,7 +34,7 @@ median of the per-round ratios (windows adjacent in time); min..max shows the no
 shared machine.
 
     python benchmarks/bench_quickstart_step.py              # ~3 min on 2 cores
-    python benchmarks/bench_quickstart_step.py --compile    # + compiled DiT (~1 min cold compile)
+    python benchmarks/bench_quickstart_step.py --compile    # + compiled DiT and refiner (~1 min cold compile)
     python benchmarks/bench_quickstart_step.py --cache      # + trained from the in-memory feature cache
 """
 
@@ -115,19 +116,17 @@ def _loop_ema_update(ema: Any, module: torch.nn.Module) -> None:
                 ema.shadow[name].lerp_(p.detach().float(), 1 - decay)
 
 
-def _build(cfg: str, mode: str, compile_dit: bool = False) -> tuple[Any, Any, torch.optim.Optimizer, float | None]:
+def _build(cfg: str, mode: str, compile_model: bool = False) -> tuple[Any, Any, torch.optim.Optimizer, float | None]:
     """``(model, datamodule, optimizer, clip)`` of one mode, built through the real CLI."""
     from unifusion.lightning_cli import lightning_main
 
-    extra = (
-        [
+    extra = ["--model.compile=true"] if compile_model else []
+    if mode == "before":
+        extra += [
             "--model.encoder.init_args.roles=all",
             "--data.init_args.group_by_length=0",
             "--model.backbone.init_args.ffn_multiple_of=1",
         ]
-        if mode == "before"
-        else []
-    )
     cli = lightning_main(["-c", cfg, *extra], run=False)
     dm = cli.datamodule
     dm.prepare_data()
@@ -135,8 +134,7 @@ def _build(cfg: str, mode: str, compile_dit: bool = False) -> tuple[Any, Any, to
     m = cli.model
     if mode == "before":
         m.encoder.prepare = functools.partial(m.encoder.prepare, per_sample=True)
-    if compile_dit:
-        m.backbone.compile()
+    m.on_fit_start()  # what `fit` does first: compiles the model's `compile` parts
     m.train()
     o = m.configure_optimizers()
     opt = o["optimizer"] if isinstance(o, dict) else o
@@ -154,7 +152,7 @@ class _Stepper:
         if "cache" in mode:
             cfg = os.path.join(os.path.dirname(cfg), CACHED_CONFIG)
         self.model, self.dm, self.opt, self.clip = _build(
-            cfg, "before" if mode == "before" else "after", compile_dit="compile" in mode
+            cfg, "before" if mode == "before" else "after", compile_model="compile" in mode
         )
         self.loader: Any = None
         self.i = 0
@@ -242,10 +240,10 @@ class _Remote:
         self.proc.wait(timeout=60)
 
 
-def timed_modes(compile_dit: bool = False, cache: bool = False) -> list[str]:
+def timed_modes(compile_model: bool = False, cache: bool = False) -> list[str]:
     """The modes a run times: ``before``, ``after``, then the opt-in variants of ``after``."""
-    modes = ["before", "after"] + (["after+compile"] if compile_dit else []) + (["after+cache"] if cache else [])
-    return modes + (["after+compile+cache"] if compile_dit and cache else [])  # every speed-up at once
+    modes = ["before", "after"] + (["after+compile"] if compile_model else []) + (["after+cache"] if cache else [])
+    return modes + (["after+compile+cache"] if compile_model and cache else [])  # every speed-up at once
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -256,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="also time the DiT compiled (after+compile)")
+    p.add_argument("--compile", action="store_true", help="also time model.compile: true (after+compile)")
     p.add_argument("--cache", action="store_true", help="also time after trained from the in-memory feature cache")
     p.add_argument(
         "--one_process",
@@ -274,7 +272,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*self.log.*")
 
-    modes = timed_modes(compile_dit=args.compile, cache=args.cache)
+    modes = timed_modes(compile_model=args.compile, cache=args.cache)
     with tempfile.TemporaryDirectory(prefix="bench-qs-") as work:
         cfg = experiment_config(args.config, work, args.samples)
         t0 = time.perf_counter()

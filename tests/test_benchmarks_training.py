@@ -22,7 +22,7 @@ def test_bench_quickstart_step_modes(load_benchmark):
     assert modes() == ["before", "after"]
     assert modes(cache=True) == ["before", "after", "after+cache"]
     every = ["before", "after", "after+compile", "after+cache", "after+compile+cache"]
-    assert modes(compile_dit=True, cache=True) == every
+    assert modes(compile_model=True, cache=True) == every
 
 
 def test_bench_quickstart_step_help(load_benchmark):
