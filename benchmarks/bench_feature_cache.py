@@ -133,14 +133,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         opts = {m: (o["optimizer"] if isinstance(o, dict) else o) for m, o in opts.items()}
         timers = {m: _Timer(models[m].encoder) for m in modes}
         clip = cli.trainer.gradient_clip_val
-        loaders: dict[str, Iterator[dict[str, Any]]] = {}
+        # one loader per mode, iterated once per pass, as Lightning's fit loop does (its workers persist)
+        loaders = {m: dms[m].train_dataloader() for m in modes}
+        passes: dict[str, Iterator[dict[str, Any]]] = {}
 
         def next_batch(mode: str) -> dict[str, Any]:
-            it = loaders.get(mode)
+            it = passes.get(mode)
             batch = next(it, None) if it is not None else None
             if batch is None:  # a new pass (with --samples large enough, only during warm-up)
-                loaders[mode] = iter(dms[mode].train_dataloader())
-                batch = next(loaders[mode])
+                passes[mode] = iter(loaders[mode])
+                batch = next(passes[mode])
             return batch
 
         # Every mode trains on the same batches in the same order: the loaders shuffle and group

@@ -154,14 +154,16 @@ class _Stepper:
         self.model, self.dm, self.opt, self.clip = _build(
             cfg, "before" if mode == "before" else "after", compile_model="compile" in mode
         )
-        self.loader: Any = None
+        # one loader, iterated once per epoch, as Lightning's fit loop does (its workers persist)
+        self.loader = self.dm.train_dataloader()
+        self.batches: Any = None
         self.i = 0
 
     def _batch(self) -> dict[str, Any]:
-        batch = next(self.loader, None) if self.loader is not None else None
+        batch = next(self.batches, None) if self.batches is not None else None
         if batch is None:
-            self.loader = iter(self.dm.train_dataloader())
-            batch = next(self.loader)
+            self.batches = iter(self.loader)
+            batch = next(self.batches)
         return batch
 
     def __call__(self) -> float:

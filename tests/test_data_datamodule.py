@@ -161,6 +161,41 @@ def test_one_worker_streams_the_same_training_batches_as_none(shapes_dir):
     assert worker == inline
 
 
+def test_workers_persist_across_epochs_and_each_epoch_streams_as_without_workers(shapes_dir):
+    """Workers start once per loader (re-forking the training process each epoch costs a
+    copy-on-write stall); each epoch still reshuffles, in the same order as ``num_workers: 0``."""
+    sources = [DataSource(shapes_dir, "t2i")]
+
+    def epochs(workers: int) -> tuple[list[list[tuple]], list[set[int]]]:
+        loader = _dm(sources, num_workers=workers).train_dataloader()
+        streams, pids = [], []
+        for _ in range(3):
+            streams.append([tuple(b["key"]) for b in loader])
+            workers_now = getattr(getattr(loader, "_iterator", None), "_workers", [])
+            pids.append({w.pid for w in workers_now})
+        return streams, pids
+
+    inline, _ = epochs(0)
+    streams, pids = epochs(1)
+    assert streams == inline
+    assert len({tuple(e) for e in inline}) == 3  # every epoch its own order
+    assert len(pids[0]) == 1 and pids[0] == pids[1] == pids[2]
+
+
+def test_shared_int_travels_to_workers_and_copies_elsewhere():
+    import copy
+
+    from unifusion.data.datamodule import _SharedInt, _SkipCounter
+
+    n = _SharedInt(5)
+    twin = copy.deepcopy(n)  # not a spawn: a fresh value, not the shared one
+    twin.set(9)
+    assert (n.get(), twin.get(), n.add(2)) == (5, 9, 7)
+    counter = _SkipCounter()
+    counter(ValueError("bad"), " in a test")
+    assert counter.value == 1 and copy.deepcopy(counter).value == 1
+
+
 def test_prepare_data_generates_shapes_once(tmp_path, caplog):
     train, val = tmp_path / "gen" / "train", tmp_path / "gen" / "val"
     cfg = ShapesConfig(num=40, seed=3, val_num=14, edit_fraction=0.25, shard_size=100)

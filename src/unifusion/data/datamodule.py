@@ -96,50 +96,62 @@ def default_mix(path: str, cached: bool = False) -> list[DataSource]:
 # counters shared with DataLoader worker processes
 
 
+class _SharedInt:
+    """An integer shared with DataLoader worker processes (a ``multiprocessing.Value``).
+
+    The value can only travel to a process being spawned (DataLoader workers; forked ones
+    inherit it); anywhere else (e.g. a deepcopy) the copy is a fresh one with the same value."""
+
+    def __init__(self, value: int = 0) -> None:
+        self._value = multiprocessing.Value("q", int(value))
+
+    def get(self) -> int:
+        return int(self._value.value)
+
+    def set(self, value: int) -> None:
+        with self._value.get_lock():
+            self._value.value = int(value)
+
+    def add(self, n: int) -> int:
+        """Add ``n``; returns the new value (atomic across processes)."""
+        with self._value.get_lock():
+            self._value.value += n
+            return int(self._value.value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return (_rebuild_shared_int, (self._value,))
+        return (_SharedInt, (self.get(),))
+
+
+def _rebuild_shared_int(value: Any) -> _SharedInt:
+    shared = _SharedInt.__new__(_SharedInt)
+    shared._value = value
+    return shared
+
+
 class _SkipCounter:
-    """Counts skipped samples across DataLoader workers (a shared ``multiprocessing.Value``)."""
+    """Counts skipped samples across DataLoader workers."""
 
     def __init__(self, warn_first: int = 10, warn_every: int = 100) -> None:
-        self._value = multiprocessing.Value("q", 0)
+        self._count = _SharedInt(0)
         self.warn_first, self.warn_every = warn_first, warn_every
 
     @property
     def value(self) -> int:
-        return int(self._value.value)
+        return self._count.get()
 
     def reset(self, value: int = 0) -> None:
-        with self._value.get_lock():
-            self._value.value = value
+        self._count.set(value)
 
     def __call__(self, exn: BaseException, where: str = "") -> bool:
         """webdataset handler: count, warn (rate-limited), and keep going."""
-        with self._value.get_lock():
-            self._value.value += 1
-            n = self._value.value
+        n = self._count.add(1)
         if n <= self.warn_first or n % self.warn_every == 0:
             log.warning(
                 "skipped corrupt/unreadable sample%s: %s: %s (%d skipped so far)", where, type(exn).__name__, exn, n
             )
         return True
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # the shared Value can only travel to a process being spawned (DataLoader workers);
-        # anywhere else (e.g. a deepcopy) we hand over a fresh counter with the same count
-        if multiprocessing.context.get_spawning_popen() is not None:
-            return (_rebuild_counter, (self._value, self.warn_first, self.warn_every))
-        return (_fresh_counter, (self.value, self.warn_first, self.warn_every))
-
-
-def _rebuild_counter(value: Any, warn_first: int, warn_every: int) -> _SkipCounter:
-    c = _SkipCounter.__new__(_SkipCounter)
-    c._value, c.warn_first, c.warn_every = value, warn_first, warn_every
-    return c
-
-
-def _fresh_counter(n: int, warn_first: int, warn_every: int) -> _SkipCounter:
-    c = _SkipCounter(warn_first, warn_every)
-    c.reset(n)
-    return c
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,10 +352,15 @@ class _MixedBatches(IterableDataset):
         self.shuffle_buffer, self.epoch_length, self.resampled = shuffle_buffer, epoch_length, resampled
         self.seed, self.train, self.skipped = seed, train, skipped
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        # shared: persistent workers start each epoch's stream from the epoch set here
+        self._epoch = _SharedInt(0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.set(epoch)
 
     def _info(self) -> tuple[int, int, int, int]:
         """(rank, world_size, worker, num_workers). Rank and world size are captured in the
@@ -562,7 +579,7 @@ class _MixLoader(DataLoader):
         self.skip_batches = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        # the dataset is pickled into fresh workers on every iter, so the epoch travels with it
+        # before the (persistent) workers restart their streams: they read the epoch from shared memory
         self.dataset.set_epoch(self.epoch)  # type: ignore[attr-defined]
         self.epoch += 1
         length = len(self.dataset) if isinstance(self.dataset, _SizedMixedBatches) else None
@@ -633,7 +650,7 @@ class UniFusionDataModule(pl.LightningDataModule):
         sources: training streams; each batch comes from one source (so one task).
         image_size: side of the target image (shorter side resized, centre crop).
         batch_size: samples per batch (per rank).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (persistent: started once per loader, not per epoch).
         shuffle_buffer: per-source sample shuffle buffer (training only).
         epoch_length: batches per epoch per rank; streams repeat (or are resampled)
             to fill it. ``None``: one pass over every source.
@@ -649,7 +666,7 @@ class UniFusionDataModule(pl.LightningDataModule):
         cache_in_memory: cached sources (``cached: true``) are read whole into memory, with
             their target images decoded, once per process, instead of memory-mapped and decoded
             per sample. Fastest when the cache fits in RAM (each DataLoader worker holds its
-            own copy; with workers, use ``num_workers: 0`` or persistent workers).
+            own copy, read once: the workers persist across epochs).
         group_by_length: training batches of similar prompt length: each window of this
             many batches (after the shuffle buffer) is sorted by length and cut into batches,
             handed out in random order, so a batch pads its tokens to about its own length
@@ -887,6 +904,10 @@ class UniFusionDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=_identity,
             pin_memory=self.pin_memory,
+            # started once per loader, not once per epoch: re-forking a big training process each
+            # epoch costs ~1-2 s of copy-on-write page faults in the step after (and the workers'
+            # in-memory cache shards would be read again)
+            persistent_workers=self.num_workers > 0,
             mix=mix,
             name=name,
             # its own generator: an iterator's base seed would otherwise come from the global
