@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import write_csv  # noqa: E402
-from bench_quickstart_step import experiment_config  # noqa: E402
+from bench_quickstart_step import endless, experiment_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("live", "cached", "cached_mem")
@@ -133,17 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         opts = {m: (o["optimizer"] if isinstance(o, dict) else o) for m, o in opts.items()}
         timers = {m: _Timer(models[m].encoder) for m in modes}
         clip = cli.trainer.gradient_clip_val
-        # one loader per mode, iterated once per pass, as Lightning's fit loop does (its workers persist)
-        loaders = {m: dms[m].train_dataloader() for m in modes}
-        passes: dict[str, Iterator[dict[str, Any]]] = {}
-
-        def next_batch(mode: str) -> dict[str, Any]:
-            it = passes.get(mode)
-            batch = next(it, None) if it is not None else None
-            if batch is None:  # a new pass (with --samples large enough, only during warm-up)
-                passes[mode] = iter(loaders[mode])
-                batch = next(passes[mode])
-            return batch
+        batches = {m: endless(dms[m].train_dataloader()) for m in modes}
 
         # Every mode trains on the same batches in the same order: the loaders shuffle and group
         # by length differently (characters live, tokens cached), and 8-step windows of different
@@ -178,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             """Seconds: (total, data, encoder, rest of forward, backward, clip + optimizer + EMA)."""
             m = models[mode]
             t0 = time.perf_counter()
-            batch = next_batch(mode)
+            batch = next(batches[mode])
             t1 = time.perf_counter()
             batch = planned(mode, batch)
             enc0 = timers[mode].seconds

@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -106,6 +107,18 @@ def _write_cached_config(cfg: str, encoder: Any) -> str:
     return out
 
 
+def endless(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``loader``'s batches pass after pass: one loader, iterated once per epoch, as Lightning's fit
+    loop does (its workers persist). Ends only if a pass yields nothing."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
 def _loop_ema_update(ema: Any, module: torch.nn.Module) -> None:
     """The EMA update as it was: one ``lerp_`` per parameter."""
     ema.num_updates += 1
@@ -154,22 +167,13 @@ class _Stepper:
         self.model, self.dm, self.opt, self.clip = _build(
             cfg, "before" if mode == "before" else "after", compile_model="compile" in mode
         )
-        # one loader, iterated once per epoch, as Lightning's fit loop does (its workers persist)
-        self.loader = self.dm.train_dataloader()
-        self.batches: Any = None
+        self.batches = endless(self.dm.train_dataloader())
         self.i = 0
-
-    def _batch(self) -> dict[str, Any]:
-        batch = next(self.batches, None) if self.batches is not None else None
-        if batch is None:
-            self.batches = iter(self.loader)
-            batch = next(self.batches)
-        return batch
 
     def __call__(self) -> float:
         m = self.model
         t0 = time.perf_counter()
-        batch = self._batch()
+        batch = next(self.batches)
         loss = m.training_step(batch, self.i)
         loss.backward()
         if self.clip:

@@ -182,11 +182,31 @@ def test_workers_persist_across_epochs_and_each_epoch_streams_as_without_workers
     assert len(pids[0]) == 1 and pids[0] == pids[1] == pids[2]
 
 
-def test_shared_int_travels_to_workers_and_copies_elsewhere():
+def test_shared_int_reaches_a_spawned_process_and_copies_elsewhere():
+    """Spawned (or forkserver) workers get the shared value itself (pickled while spawning); any
+    other copy is a fresh value. Forked workers inherit it (the persistent-workers test)."""
     import copy
+    import subprocess
+    import sys
+    import textwrap
 
     from unifusion.data.datamodule import _SharedInt, _SkipCounter
 
+    spawn = textwrap.dedent(
+        """
+        import multiprocessing as mp
+        mp.set_start_method("spawn")
+        from unifusion.data.datamodule import _SharedInt
+        n = _SharedInt(5)
+        child = mp.Process(target=n.add, args=(2,))
+        child.start()
+        child.join()
+        print(child.exitcode, n.get())
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0", "7"]  # the child added to the parent's value
     n = _SharedInt(5)
     twin = copy.deepcopy(n)  # not a spawn: a fresh value, not the shared one
     twin.set(9)
